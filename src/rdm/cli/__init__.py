@@ -1,0 +1,48 @@
+"""The ``rdm`` command: one subcommand per stage, each a thin wrapper over one library call.
+
+Each stage's parser lives in its own module under ``rdm.cli`` and exposes ``register(subparsers)``;
+heavy imports (torch, faiss, open_clip) happen inside the command functions, so ``rdm --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# modules under rdm.cli that add subcommands, in data-flow order
+STAGES = ("encoder", "db", "train", "sample", "demo")
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rdm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage in STAGES:
+        try:
+            module = importlib.import_module(f"rdm.cli.{stage}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"rdm.cli.{stage}":
+                raise
+            continue  # stage not built yet
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"rdm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rdm {args.command}: interrupted; finished work is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
