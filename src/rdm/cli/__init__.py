@@ -10,12 +10,10 @@ import argparse
 import importlib
 import sys
 
+from rdm.errors import RdmError
+
 # modules under rdm.cli that add subcommands, in data-flow order
 STAGES = ("encoder", "db", "train", "sample", "demo")
-
-
-class UserError(Exception):
-    """An error caused by the user's input; printed without a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except UserError as exc:
+    except RdmError as exc:
         print(f"rdm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -24,14 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from rdm.errors import RdmError
+
 SPLITS = ("all", "train", "db", "test")
 
 
-class BadImage(Exception):
+class BadImage(RdmError):
     """An item whose image cannot be used; ``str(exc)`` is the reason written to reports."""
 
 
-class SourceError(ValueError):
+class SourceError(RdmError, ValueError):
     """A source spec or split that cannot be opened; the message names the path or argument."""
 
 
