@@ -122,6 +122,10 @@ def open_source(spec: str) -> Source:
     if name in ("emoji-color", "emoji-mono"):
         from .emoji import EmojiSource
 
+        if arg and not arg.isdigit():
+            raise SourceError(
+                f"emoji size in {spec!r} must be a whole number of pixels, e.g. '{name}:64'"
+            )
         return EmojiSource(style=name.removeprefix("emoji-"), size=int(arg) if arg else 64)
     path = Path(spec)
     if not path.exists():
