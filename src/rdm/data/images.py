@@ -85,12 +85,14 @@ def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
 
 def _bomb_reason(exc: BaseException, max_pixels: int) -> str:
     # Pillow refused in Image.open, before we saw the size; its message carries the pixel count.
+    # Its hard error fires above 2 x Image.MAX_IMAGE_PIXELS even when max_pixels allows more.
     found = re.search(r"\((\d+) pixels\)", str(exc))
-    return (
-        f"decompression bomb: {found[1]} pixels > limit {max_pixels}"
-        if found
-        else f"decompression bomb: {exc}"
-    )
+    if found is None:
+        return f"decompression bomb: {_first_line(exc)}"
+    limit = max_pixels
+    if isinstance(exc, Image.DecompressionBombError):
+        limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or 0))
+    return f"decompression bomb: {found[1]} pixels > limit {limit}"
 
 
 def _corrupt_reason(exc: BaseException) -> str:
