@@ -68,6 +68,13 @@ def test_text_named_png_is_not_an_image(tmp_path):
     assert reason(tmp_path / "notes.png") == "not an image: cannot identify image file"
 
 
+def test_formats_outside_the_allow_list_are_refused(tmp_path):
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    assert Image.open(io.BytesIO(eps)).format == "EPS"  # Pillow would hand it to Ghostscript
+    (tmp_path / "x.png").write_bytes(eps)
+    assert reason(tmp_path / "x.png") == "not an image: cannot identify image file"
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_truncated_files_are_refused(tmp_path, fmt):
     data = encoded(noise(64), fmt)
@@ -160,6 +167,14 @@ def test_cmyk_jpeg_and_one_bit(tmp_path):
     assert r > 230 and g < 30 and b < 30
     one = decode(encoded(Image.new("1", (3, 3), 1), "BMP"), tmp_path, "one.bmp")
     assert (one == 255).all()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    rgb = decode(encoded(image, "JPEG", exif=exif), tmp_path, "phone.jpg")
+    assert rgb.shape == (40, 20, 3)
 
 
 def test_animated_gif_gives_its_first_frame(tmp_path):

@@ -12,6 +12,7 @@ import re
 import struct
 import warnings
 import zlib
+from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,6 +23,10 @@ from rdm.data import BadImage
 
 #: refuse images with more pixels than this (Pillow's own warning starts at ~89M)
 MAX_PIXELS = 64_000_000
+
+#: formats we decode; the rest stay "not an image". EPS (runs Ghostscript) and exotic scientific
+#: or vendor formats are a larger attack surface than a folder of pictures needs.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM", "TGA", "QOI", "AVIF")
 
 # Exceptions Pillow's decoders raise on corrupt data (zlib/struct leak out of some plugins).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
@@ -61,7 +66,7 @@ def _decode(fp: BinaryIO, max_pixels: int) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter(action, Image.DecompressionBombWarning)
         try:
-            im = Image.open(fp)  # reads the header only
+            im = Image.open(fp, formats=_formats())  # reads the header only
             _check_pixels(im.size, max_pixels)
             im.load()  # full decode of the first frame: truncation and corruption surface here
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
@@ -73,6 +78,12 @@ def _decode(fp: BinaryIO, max_pixels: int) -> Image.Image:
         except MemoryError:
             raise BadImage("out of memory while decoding") from None
     return to_rgb(im)
+
+
+@lru_cache(maxsize=1)
+def _formats() -> tuple[str, ...]:
+    Image.init()  # registers the plugins; older Pillow lacks some formats (AVIF, QOI)
+    return tuple(f for f in FORMATS if f in Image.OPEN)
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
