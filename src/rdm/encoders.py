@@ -3,22 +3,54 @@
 Every encoder carries an *identity* (architecture, weights checksum, d, preprocessing) that is
 written into every artifact built with it; :func:`require_same_identity` is the one guard that
 refuses to pair artifacts of different identities.
+
+Specs understood by :func:`load_encoder` (open_clip underneath):
+
+- ``default``                 the small CLIP shipped in ``rdm/assets/clip-small/``
+- ``DIR``                     an open_clip local dir: ``open_clip_config.json`` (``model_cfg`` +
+                              ``preprocess_cfg``) and ``open_clip_model.safetensors``
+- ``ARCH:/path/to/file``      an open_clip architecture (``ViT-B-32``) and a local checkpoint
+                              (``.safetensors``; ``.pt``/``.bin``/``.pth`` loaded with ``weights_only``)
+- ``ARCH:TAG``                an open_clip pretrained tag (``ViT-B-32:openai``); downloads, so it only
+                              works offline when the weights are already in the Hugging Face cache
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from rdm.errors import IdentityMismatch
+from rdm.errors import IdentityMismatch, RdmError
+
+if TYPE_CHECKING:
+    import torch
 
 # keys of an identity that describe where it was loaded from, not what it computes
 _LOCATION_KEYS = ("spec",)
+
+DEFAULT_DIR = Path(__file__).parent / "assets" / "clip-small"
+CONFIG_NAME = "open_clip_config.json"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+# rows per forward pass; bounds memory, not results (each row is encoded independently)
+BATCH_SIZE = 256
+# below this many parameters fp32 is as fast as bf16 autocast on CPU, and exact
+AUTOCAST_MIN_PARAMS = 20_000_000
+
+
+class EncoderSpecError(RdmError, ValueError):
+    """An encoder spec that cannot be loaded; the message names the spec and the fix."""
 
 
 class Encoder(ABC):
@@ -63,3 +95,381 @@ def require_same_identity(a: dict, a_name: str, b: dict, b_name: str) -> None:
             f"{describe_identity(b)}; they cannot be combined. Rebuild one of them with the "
             "other's encoder."
         )
+
+
+# --- spec parsing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A parsed spec: exactly one of ``local_dir`` / ``checkpoint`` / ``tag`` is set."""
+
+    spec: str  # as written into identities; loads the encoder again
+    arch: str | None = None  # open_clip architecture name (None for a local dir)
+    local_dir: Path | None = None
+    checkpoint: Path | None = None
+    tag: str | None = None
+
+
+def parse_spec(spec: str) -> EncoderSpec:
+    """Resolve a spec string (see module docstring) without loading any weights."""
+    if spec == "default":
+        if not (DEFAULT_DIR / CONFIG_NAME).is_file():
+            raise EncoderSpecError(
+                f"the default encoder is missing from {DEFAULT_DIR}: reinstall rdm, train one with "
+                "'rdm encoder train --out DIR' and pass DIR, or pass ARCH:/path/to/checkpoint"
+            )
+        return EncoderSpec(spec="default", local_dir=DEFAULT_DIR)
+    path = Path(spec.removeprefix("local-dir:")).expanduser()
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file():
+            raise EncoderSpecError(
+                f"encoder directory {path} has no {CONFIG_NAME}: give an open_clip local dir "
+                f"({CONFIG_NAME} + {WEIGHTS_NAME}) or ARCH:/path/to/checkpoint"
+            )
+        return EncoderSpec(spec=str(path.resolve()), local_dir=path.resolve())
+    arch, sep, rest = spec.partition(":")
+    if not sep or not arch or not rest:
+        raise EncoderSpecError(
+            f"encoder spec {spec!r} is neither 'default', an existing directory, ARCH:TAG nor "
+            "ARCH:/path/to/checkpoint (e.g. 'ViT-B-32:openai' or 'ViT-B-32:/models/vitb32.pt')"
+        )
+    _check_arch(arch, spec)
+    from open_clip.pretrained import list_pretrained_tags_by_model
+
+    tags = list_pretrained_tags_by_model(arch)
+    if rest.lower().replace("-", "_") in tags:
+        return EncoderSpec(spec=f"{arch}:{rest}", arch=arch, tag=rest)
+    file = Path(rest).expanduser()
+    if file.is_file():
+        return EncoderSpec(spec=f"{arch}:{file.resolve()}", arch=arch, checkpoint=file.resolve())
+    if file.suffix in CHECKPOINT_SUFFIXES or "/" in rest or os.sep in rest:
+        raise EncoderSpecError(f"checkpoint file {rest} for encoder {arch} does not exist")
+    raise EncoderSpecError(
+        f"{rest!r} in encoder spec {spec!r} is neither a checkpoint file nor a pretrained tag of "
+        f"{arch} (tags: {', '.join(tags) or 'none'}); pass {arch}:/path/to/checkpoint"
+    )
+
+
+def _check_arch(arch: str, spec: str) -> None:
+    import open_clip
+
+    if arch not in open_clip.list_models():
+        examples = ", ".join(m for m in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "RN50", "ViT-S-16"))
+        raise EncoderSpecError(
+            f"unknown open_clip architecture {arch!r} in encoder spec {spec!r}; valid ones include "
+            f"{examples} (open_clip.list_models() lists all), or pass an open_clip local directory"
+        )
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load_encoder(
+    spec: str = "default", device: str = "cpu", autocast: bool | None = None
+) -> Encoder:
+    """Load a frozen encoder from ``spec`` (see module docstring) onto ``device``.
+
+    ``autocast`` runs the towers under bf16 autocast; ``None`` picks it for models of at least
+    ``AUTOCAST_MIN_PARAMS`` parameters (outputs stay float32 and unit norm either way).
+    """
+    parsed = parse_spec(spec)
+    model = _create_model(parsed)
+    model.eval().requires_grad_(False).to(device)
+    return OpenClipEncoder(model, parsed, device=device, autocast=autocast)
+
+
+def _create_model(parsed: EncoderSpec) -> torch.nn.Module:
+    import open_clip
+
+    try:
+        if parsed.local_dir is not None:
+            return open_clip.create_model(f"local-dir:{parsed.local_dir}", require_pretrained=True)
+        pretrained = str(parsed.checkpoint) if parsed.checkpoint else parsed.tag
+        return open_clip.create_model(parsed.arch, pretrained=pretrained, require_pretrained=True)
+    # a file that is not a checkpoint, or one that does not fit the architecture, surfaces as
+    # whatever torch.load / safetensors / open_clip's converters raise (UnpicklingError,
+    # SafetensorError, RuntimeError, AssertionError, KeyError ...): report it, chained, as bad input
+    except Exception as exc:
+        raise EncoderSpecError(_load_failure(parsed, exc)) from exc
+
+
+def _load_failure(parsed: EncoderSpec, exc: Exception) -> str:
+    if parsed.tag is not None:
+        return (
+            f"weights for encoder {parsed.spec} are not available offline ({exc}); download the "
+            f"checkpoint on a connected machine and pass {parsed.arch}:/path/to/checkpoint, or an "
+            f"open_clip local directory"
+        )
+    where = parsed.local_dir or parsed.checkpoint
+    return f"could not load encoder weights from {where}: {exc}"
+
+
+class OpenClipEncoder(Encoder):
+    """An open_clip CLIP model, frozen, with batched torch preprocessing."""
+
+    def __init__(
+        self, model, parsed: EncoderSpec, device: str = "cpu", autocast: bool | None = None
+    ):
+        import open_clip
+
+        self.model = model
+        self.device = device
+        n_params = sum(p.numel() for p in model.parameters())
+        self.autocast = n_params >= AUTOCAST_MIN_PARAMS if autocast is None else autocast
+        self.preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
+        self.tokenizer = open_clip.get_tokenizer(
+            f"local-dir:{parsed.local_dir}" if parsed.local_dir else parsed.arch
+        )
+        self.identity = _identity(model, parsed, self.preprocess_cfg)
+
+    # -- images --
+
+    def encode_images(self, images: Sequence[Image.Image] | np.ndarray) -> np.ndarray:
+        batches = [self._encode_pixels(chunk) for chunk in _pixel_chunks(images, BATCH_SIZE)]
+        return _concat(batches, self.dim)
+
+    def _encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W, 3) -> float32 (B, d), unit norm."""
+        import torch
+
+        x = torch.from_numpy(pixels).to(self.device)
+        x = preprocess(x, self.preprocess_cfg)  # (B, 3, S, S) normalised
+        with torch.inference_mode(), self._autocast():
+            z = self.model.encode_image(x)
+        return _unit_rows(z)
+
+    # -- texts --
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if isinstance(texts, str):
+            raise EncoderSpecError("encode_texts takes a list of strings, not one string")
+        texts = list(texts)
+        batches = [
+            self._encode_tokens(texts[i : i + BATCH_SIZE]) for i in range(0, len(texts), BATCH_SIZE)
+        ]
+        return _concat(batches, self.dim)
+
+    def _encode_tokens(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        tokens = self.tokenizer(texts).to(self.device)  # (B, context_length) int64
+        with torch.inference_mode(), self._autocast():
+            z = self.model.encode_text(tokens)
+        return _unit_rows(z)
+
+    def _autocast(self):
+        import torch
+
+        device_type = torch.device(self.device).type
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.autocast)
+
+
+def _unit_rows(z: torch.Tensor) -> np.ndarray:
+    import torch.nn.functional as F
+
+    return F.normalize(z.float(), dim=-1).cpu().numpy()
+
+
+def _concat(batches: list[np.ndarray], dim: int) -> np.ndarray:
+    if not batches:
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.concatenate(batches).astype(np.float32, copy=False)
+
+
+# --- preprocessing ------------------------------------------------------------------------------
+
+
+def _pixel_chunks(images: Sequence[Image.Image] | np.ndarray, size: int):
+    """Yield uint8 (b, H, W, 3) arrays of at most ``size`` equally sized images, in input order."""
+    if isinstance(images, np.ndarray):
+        pixels = _check_pixels(images)
+        for i in range(0, len(pixels), size):
+            yield pixels[i : i + size]
+        return
+    run: list[np.ndarray] = []
+    for image in images:
+        if not isinstance(image, Image.Image):
+            raise EncoderSpecError(
+                f"encode_images takes PIL images or a uint8 array (B, H, W, 3), got {type(image).__name__}"
+            )
+        array = np.asarray(image.convert("RGB"))
+        if run and (array.shape != run[0].shape or len(run) == size):
+            yield np.stack(run)
+            run = []
+        run.append(array)
+    if run:
+        yield np.stack(run)
+
+
+def _check_pixels(pixels: np.ndarray) -> np.ndarray:
+    if pixels.dtype != np.uint8:
+        raise EncoderSpecError(f"image array must be uint8 (B, H, W, 3), got dtype {pixels.dtype}")
+    if pixels.ndim == 3:  # (B, H, W) grayscale, e.g. Fashion-MNIST pixels
+        pixels = np.repeat(pixels[..., None], 3, axis=-1)
+    if pixels.ndim != 4 or pixels.shape[-1] != 3:
+        raise EncoderSpecError(f"image array must have shape (B, H, W, 3), got {pixels.shape}")
+    return pixels
+
+
+def preprocess(pixels: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, S, S): resize, crop/pad and normalise like open_clip.
+
+    Follows open_clip's eval transform (``image_transform(is_train=False)``) for the three resize
+    modes, but batched in torch; bicubic with antialias, clamped to [0, 1] like PIL's uint8 output.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    out_h, out_w = _pair(cfg["size"])
+    x = pixels.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W) in [0, 1]
+    h, w = x.shape[-2:]
+    mode = cfg.get("resize_mode", "shortest")
+    if mode == "squash":
+        new_h, new_w = out_h, out_w
+    elif mode == "longest":
+        scale = max(h / out_h, w / out_w)
+        new_h, new_w = round(h / scale), round(w / scale)
+    elif out_h == out_w:  # torchvision Resize(int): short side -> size, long side truncated
+        short, long = min(h, w), max(h, w)
+        new_short, new_long = out_h, int(out_h * long / short)
+        new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)
+    else:
+        scale = min(h / out_h, w / out_w)
+        new_h, new_w = round(h / scale), round(w / scale)
+    if (new_h, new_w) != (h, w):
+        interp = cfg.get("interpolation", "bicubic")
+        x = F.interpolate(x, size=(new_h, new_w), mode=interp, antialias=interp != "nearest")
+        x = x.clamp_(0.0, 1.0)
+    x = _center_crop_or_pad(x, out_h, out_w, fill=cfg.get("fill_color", 0) / 255.0)
+    mean = torch.tensor(cfg["mean"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _center_crop_or_pad(x: torch.Tensor, out_h: int, out_w: int, fill: float) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    if h < out_h or w < out_w:  # only in "longest" mode: pad evenly with the fill colour
+        pad_h, pad_w = max(out_h - h, 0), max(out_w - w, 0)
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=fill)
+        h, w = x.shape[-2:]
+    top, left = int(round((h - out_h) / 2.0)), int(round((w - out_w) / 2.0))
+    return x[..., top : top + out_h, left : left + out_w]
+
+
+def _pair(size) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+# --- identity -----------------------------------------------------------------------------------
+
+
+def _identity(model, parsed: EncoderSpec, preprocess_cfg: dict) -> dict:
+    size = _pair(preprocess_cfg["size"])
+    return {
+        "arch": parsed.arch or _dir_arch(parsed.local_dir),
+        "weights_sha256": weights_sha256(model),
+        "dim": _embed_dim(model),
+        "image_size": size[0] if size[0] == size[1] else list(size),
+        "mean": [float(v) for v in preprocess_cfg["mean"]],
+        "std": [float(v) for v in preprocess_cfg["std"]],
+        "resize": (
+            f"{preprocess_cfg.get('resize_mode', 'shortest')} {preprocess_cfg.get('interpolation', 'bicubic')}"
+            " antialias, center crop"
+        ),
+        "spec": parsed.spec,
+    }
+
+
+def weights_sha256(model) -> str:
+    """sha256 over (name, shape, float32 bytes) of every state-dict tensor in sorted key order.
+
+    Upcasting first makes it independent of the storage dtype (fp16 file, fp32 model) and of the
+    file format the weights came from.
+    """
+    h = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        t = state[name].detach().cpu()
+        h.update(f"{name}:{tuple(t.shape)}:".encode())
+        array = t.float().contiguous().numpy() if t.is_floating_point() else t.contiguous().numpy()
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def _dir_arch(local_dir: Path) -> str:
+    """Name for a local dir's architecture: its ``arch`` field, a matching built-in, or a hash."""
+    import open_clip
+
+    config = json.loads((local_dir / CONFIG_NAME).read_text())
+    if "arch" in config:
+        return str(config["arch"])
+    model_cfg = config["model_cfg"]
+    for name in open_clip.list_models():
+        if open_clip.get_model_config(name) == model_cfg:
+            return name
+    blob = json.dumps(model_cfg, sort_keys=True).encode()
+    return "custom-" + hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _embed_dim(model) -> int:
+    import torch
+
+    proj = getattr(model, "text_projection", None)
+    if isinstance(proj, torch.nn.Linear):
+        return int(proj.out_features)
+    if isinstance(proj, torch.Tensor):
+        return int(proj.shape[1])
+    return int(model.visual.output_dim)
+
+
+# --- saving an open_clip local dir --------------------------------------------------------------
+
+
+def save_local_dir(
+    model,
+    model_cfg: dict,
+    preprocess_cfg: dict,
+    out: Path,
+    arch: str,
+    extra_files: dict | None = None,
+) -> Path:
+    """Write ``model`` as an open_clip local dir that :func:`load_encoder` (and open_clip) loads.
+
+    Floating tensors are stored as float16 (loading upcasts into the float32 model). The directory
+    is built beside ``out`` and swapped in with renames, so ``out`` is never half-written.
+    ``extra_files`` maps file names to JSON-serialisable objects written alongside.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    state = {k: _storage_tensor(v) for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS_NAME))
+    config = {"arch": arch, "model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    for name, obj in (extra_files or {}).items():
+        (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+    _swap_in(tmp, out)
+    return out
+
+
+def _storage_tensor(t):
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    return t.to(torch.float16) if t.is_floating_point() else t
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace directory ``out`` by ``tmp`` with renames only."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old)

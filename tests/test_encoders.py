@@ -1,0 +1,217 @@
+"""Frozen encoders: tiny random open_clip models saved to disk and loaded back through every spec form."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rdm import encoders
+from rdm.encoders import (
+    EncoderSpecError,
+    identity_fingerprint,
+    load_encoder,
+    require_same_identity,
+    save_local_dir,
+)
+from rdm.errors import IdentityMismatch, RdmError
+
+ARCH = "rdm-test-tiny"
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+PREPROCESS = {"size": 32, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+
+
+def tiny_model(seed: int):
+    import open_clip
+
+    torch.manual_seed(seed)
+    model = open_clip.create_model(ARCH)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The same random weights as an open_clip local dir, a .safetensors file and a .pt file."""
+    import open_clip
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("encoders")
+    (root / f"{ARCH}.json").write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(root / f"{ARCH}.json")
+    local_dir = save_local_dir(tiny_model(0), TINY_CFG, PREPROCESS, root / "tiny", arch=ARCH)
+    state = load_file(local_dir / encoders.WEIGHTS_NAME)
+    (root / "tiny.safetensors").write_bytes((local_dir / encoders.WEIGHTS_NAME).read_bytes())
+    torch.save(state, root / "tiny.pt")
+    other = save_local_dir(tiny_model(1), TINY_CFG, PREPROCESS, root / "other", arch=ARCH)
+    return {
+        "dir": local_dir,
+        "st": root / "tiny.safetensors",
+        "pt": root / "tiny.pt",
+        "other": other,
+    }
+
+
+@pytest.fixture(scope="module")
+def enc(tiny):
+    return load_encoder(str(tiny["dir"]))
+
+
+def random_pixels(n: int, h: int = 40, w: int = 48, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
+
+
+def test_image_embeddings_are_unit_float32_and_deterministic(enc):
+    pixels = random_pixels(5)
+    z = enc.encode_images(pixels)
+    assert z.shape == (5, 32) and z.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(z, enc.encode_images(pixels))
+    assert not np.allclose(z[0], z[1])  # different images, different embeddings
+
+
+def test_pil_list_matches_array_and_batches_do_not_interact(enc, monkeypatch):
+    pixels = random_pixels(4)
+    mixed = [Image.fromarray(p) for p in pixels] + [Image.fromarray(pixels[0][:20, :30])]
+    z_pil = enc.encode_images(mixed)
+    np.testing.assert_allclose(z_pil[:4], enc.encode_images(pixels), atol=1e-6)
+    monkeypatch.setattr(encoders, "BATCH_SIZE", 2)  # row i must not depend on the batching
+    np.testing.assert_allclose(enc.encode_images(mixed), z_pil, atol=1e-5)
+
+
+def test_grayscale_array_and_empty_inputs(enc):
+    gray = random_pixels(3)[..., 0]  # (B, H, W), like Fashion-MNIST pixels
+    np.testing.assert_allclose(
+        enc.encode_images(gray), enc.encode_images(np.repeat(gray[..., None], 3, -1)), atol=1e-6
+    )
+    assert enc.encode_images([]).shape == (0, 32)
+    assert enc.encode_images(np.zeros((0, 8, 8, 3), np.uint8)).shape == (0, 32)
+    assert enc.encode_texts([]).shape == (0, 32)
+
+
+def test_text_embeddings(enc):
+    z = enc.encode_texts(["a red shoe", "a blue bag", "a red shoe"])
+    assert z.shape == (3, 32) and z.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(z[0], z[2])
+    assert not np.allclose(z[0], z[1])
+    with pytest.raises(RdmError, match="list of strings"):
+        enc.encode_texts("a red shoe")
+
+
+def test_preprocessing_matches_open_clip_pil_transform(enc):
+    """Our batched torch resize/crop/normalise agrees with open_clip's PIL eval transform."""
+    from open_clip.transform import image_transform
+
+    cfg = enc.preprocess_cfg
+    transform = image_transform(
+        cfg["size"], is_train=False, mean=cfg["mean"], std=cfg["std"], resize_mode="shortest"
+    )
+    pixels = random_pixels(2, h=57, w=90, seed=3)
+    reference = torch.stack([transform(Image.fromarray(p)) for p in pixels])
+    ours = encoders.preprocess(torch.from_numpy(pixels), cfg)
+    assert ours.shape == reference.shape == (2, 3, 32, 32)
+    # PIL and torch bicubic antialias differ by rounding; a wrong crop or scale gives errors ~1
+    assert (ours - reference).abs().mean() < 0.03
+
+
+def test_identity_is_the_same_however_the_weights_are_loaded(tiny, enc):
+    ident = enc.identity
+    assert set(ident) == {
+        "arch",
+        "weights_sha256",
+        "dim",
+        "image_size",
+        "mean",
+        "std",
+        "resize",
+        "spec",
+    }
+    assert ident["arch"] == ARCH and ident["dim"] == 32 and ident["image_size"] == 32
+    assert ident["mean"] == PREPROCESS["mean"] and ident["std"] == PREPROCESS["std"]
+    assert ident["spec"] == str(tiny["dir"].resolve())
+    for form in ("st", "pt"):
+        other = load_encoder(f"{ARCH}:{tiny[form]}")
+        assert other.identity["weights_sha256"] == ident["weights_sha256"]
+        assert other.identity["spec"] == f"{ARCH}:{tiny[form].resolve()}"
+        np.testing.assert_allclose(other.encode_texts(["a"]), enc.encode_texts(["a"]), atol=1e-6)
+    # the file form has open_clip's default mean/std, so it computes something else
+    assert identity_fingerprint(other.identity) != identity_fingerprint(ident)
+
+
+def test_different_weights_are_refused(tiny, enc):
+    other = load_encoder(str(tiny["other"]))
+    assert other.identity["weights_sha256"] != enc.identity["weights_sha256"]
+    assert identity_fingerprint(other.identity) != identity_fingerprint(enc.identity)
+    require_same_identity(
+        enc.identity, "database", load_encoder(str(tiny["dir"])).identity, "model"
+    )
+    with pytest.raises(IdentityMismatch, match="database.*model") as info:
+        require_same_identity(enc.identity, "database", other.identity, "model")
+    assert str(tiny["dir"].resolve()) in str(info.value) and str(tiny["other"].resolve()) in str(
+        info.value
+    )
+
+
+def test_save_local_dir_replaces_atomically(tiny, tmp_path):
+    out = save_local_dir(tiny_model(2), TINY_CFG, PREPROCESS, tmp_path / "m", arch=ARCH)
+    first = load_encoder(str(out)).identity["weights_sha256"]
+    save_local_dir(tiny_model(3), TINY_CFG, PREPROCESS, tmp_path / "m", arch=ARCH)
+    assert load_encoder(str(out)).identity["weights_sha256"] != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary leftovers
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("NoSuchNet:openai", "unknown open_clip architecture 'NoSuchNet'.*ViT-B-32"),
+        (
+            "ViT-B-32:/nonexistent/weights.safetensors",
+            "checkpoint file /nonexistent/weights.safetensors",
+        ),
+        ("ViT-B-32:no_such_tag", "neither a checkpoint file nor a pretrained tag.*openai"),
+        ("not-a-spec", "neither 'default', an existing directory"),
+    ],
+)
+def test_bad_specs(spec, message):
+    with pytest.raises(EncoderSpecError, match=message):
+        load_encoder(spec)
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(EncoderSpecError, match=f"{tmp_path}.*no open_clip_config.json"):
+        load_encoder(str(tmp_path))
+
+
+def test_directory_without_weights(tmp_path):
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG}))
+    with pytest.raises(EncoderSpecError, match=f"could not load encoder weights from {tmp_path}"):
+        load_encoder(str(tmp_path))
+
+
+def test_checkpoint_that_does_not_fit_the_arch(tiny):
+    with pytest.raises(EncoderSpecError, match="could not load encoder weights from .*tiny.pt"):
+        load_encoder(f"RN50:{tiny['pt']}")
+
+
+def test_missing_default_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(encoders, "DEFAULT_DIR", tmp_path / "clip-small")
+    with pytest.raises(EncoderSpecError, match="default encoder is missing.*rdm encoder train"):
+        load_encoder("default")
+
+
+def test_pretrained_tag_offline_asks_for_a_local_checkpoint():
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        pytest.skip("needs HF_HUB_OFFLINE=1 so the download fails fast")
+    with pytest.raises(
+        EncoderSpecError, match="not available offline.*ViT-B-32:/path/to/checkpoint"
+    ):
+        load_encoder("ViT-B-32:openai")
