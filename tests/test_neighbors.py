@@ -1,0 +1,209 @@
+"""Training neighbours: self / near-duplicate exclusion when database and queries overlap (and
+none when disjoint), exactly k per query, p(x̃) against a brute-force count, file round trip, guards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fakes_retrieval import ProjectionEncoder, TinySource
+
+from rdm import index as fi
+from rdm.database import Database, build_database
+from rdm.errors import IdentityMismatch
+from rdm.neighbors import (
+    NeighborsError,
+    compute_neighbors,
+    load_neighbors,
+    pseudo_query_distribution,
+)
+
+BUILD = {"batch_size": 8, "shard_size": 16, "progress": False}
+# ids 41 and 42 repeat the images of 5 and 6: near-duplicates inside one source
+SOURCE = TinySource(60, bad={7}, copies={41: 5, 42: 6})
+
+
+@pytest.fixture(scope="module")
+def db_all(tmp_path_factory):
+    root = tmp_path_factory.mktemp("n") / "all"
+    return Database.open(build_database(SOURCE, "all", ProjectionEncoder(), root, **BUILD))
+
+
+@pytest.fixture(scope="module")
+def db_split(tmp_path_factory):
+    root = tmp_path_factory.mktemp("n") / "db"
+    return Database.open(build_database(SOURCE, "db", ProjectionEncoder(), root, **BUILD))
+
+
+def run(db: Database, tmp_path, **kwargs):
+    """Neighbours of SOURCE's train split in ``db``, written to and read back from tmp_path."""
+    kwargs = {"out": tmp_path / "n.safetensors", "progress": False, **kwargs}
+    return load_neighbors(compute_neighbors(db, SOURCE, "train", ProjectionEncoder(), **kwargs))
+
+
+def brute_force(db: Database, source, ids, k, threshold=None):
+    """Reference: rank all rows exactly per query and walk down, skipping excluded ones.
+    Returns rows (N, k) and scores (N, k)."""
+    z = ProjectionEncoder().encode_images([source.load(int(i)) for i in ids])
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    D, I = fi.exact_search(db.vectors(np.arange(db.count)), z, db.count)
+    rows, scores = [], []
+    for q, i in enumerate(ids):
+        kept = [
+            (r, d)
+            for r, d in zip(I[q], D[q], strict=True)
+            if threshold is None or (db.ids[r] != i and d <= threshold)
+        ][:k]
+        rows.append([r for r, _ in kept])
+        scores.append([d for _, d in kept])
+    return np.array(rows), np.array(scores)
+
+
+def assert_same_neighbours(nb, reference, atol=1e-5):
+    """Scores agree; rows may differ only among ties with the k-th score (exact duplicates)."""
+    ref_rows, ref_scores = reference
+    np.testing.assert_allclose(nb.nn_scores, ref_scores, atol=atol)
+    for q in range(len(ref_rows)):
+        above = ref_scores[q] > ref_scores[q][-1] + atol
+        assert set(nb.nn_rows[q][above]) == set(ref_rows[q][above])
+
+
+def test_overlapping_split_excludes_self_and_near_duplicates(db_all, tmp_path):
+    nb = run(db_all, tmp_path, k=5, k_p=2)
+    train = SOURCE.split_ids("train")
+    readable = train[train != 7]
+    np.testing.assert_array_equal(nb.query_ids, readable)
+    assert nb.nn_rows.shape == (len(readable), 5)
+    # never the query itself, never a copy of it (41 <-> 5, 42 <-> 6)
+    assert not np.any(nb.nn_ids == nb.query_ids[:, None])
+    assert np.all(nb.nn_scores <= 0.98)
+    copies = {(5, 41), (41, 5), (6, 42), (42, 6)}
+    assert not any(
+        (q, n) in copies for q, row in zip(nb.query_ids, nb.nn_ids, strict=True) for n in row
+    )
+    assert_same_neighbours(nb, brute_force(db_all, SOURCE, readable, 5, 0.98))
+    np.testing.assert_array_equal(nb.nn_ids, db_all.ids[nb.nn_rows])
+    assert np.all(np.diff(nb.nn_scores, axis=1) <= 1e-6)  # best first
+    ex = nb.meta["exclusion"]
+    assert ex["enabled"] and ex["threshold"] == 0.98
+    assert ex["excluded_self"] == len(readable)  # every query is in an "all" database
+    assert ex["excluded_near_duplicates"] == len({5, 6, 41, 42} & set(readable.tolist()))
+    skipped = (
+        [{"id": 7, "key": "img/0007.png", "reason": "corrupt test image"}] if 7 in train else []
+    )
+    assert nb.meta["queries"]["skipped"] == skipped
+
+
+def test_disjoint_splits_skip_exclusion(db_split, tmp_path, capsys):
+    nb = run(db_split, tmp_path, k=4)
+    assert "disjoint by construction" in capsys.readouterr().err
+    assert nb.meta["exclusion"]["enabled"] is False
+    train = SOURCE.split_ids("train")
+    assert_same_neighbours(nb, brute_force(db_split, SOURCE, train[train != 7], 4))
+    assert not set(nb.nn_ids.ravel()) & set(train.tolist())
+
+
+def test_exclusion_searches_deeper_when_the_first_candidates_are_excluded(
+    db_all, tmp_path, monkeypatch
+):
+    import rdm.neighbors as nbm
+
+    # the first search returns exactly k candidates, so self must be replaced by a deeper search
+    monkeypatch.setattr(nbm, "EXTRA", 0)
+    nb = run(db_all, tmp_path, k=3, k_p=2)
+    assert_same_neighbours(nb, brute_force(db_all, SOURCE, nb.query_ids, 3, 0.98))
+
+
+def test_pseudo_query_distribution_matches_a_brute_force_count(db_all, tmp_path):
+    nb = run(db_all, tmp_path, k=6, k_p=3)
+    counts = np.zeros(db_all.count, np.int64)
+    for row in nb.nn_rows:
+        for r in row[:3]:
+            counts[r] += 1
+    np.testing.assert_array_equal(nb.pq_counts, counts)
+    np.testing.assert_allclose(nb.pq_prob, counts / (3 * len(nb.query_ids)))
+    assert nb.pq_prob.dtype == np.float64 and nb.pq_prob.sum() == pytest.approx(1.0, abs=1e-12)
+    assert nb.k == 6 and nb.k_p == 3
+
+
+def test_pseudo_query_distribution_formula():
+    nn_rows = np.array([[0, 1, 2], [0, 2, 3]])
+    pq = pseudo_query_distribution(nn_rows, 2, 5)
+    np.testing.assert_array_equal(pq["pq_counts"], [2, 1, 1, 0, 0])
+    np.testing.assert_allclose(pq["pq_prob"], [0.5, 0.25, 0.25, 0, 0])
+
+
+def test_file_follows_the_contract(db_split, tmp_path):
+    from safetensors.numpy import load_file
+
+    meta = run(db_split, tmp_path, k=4).meta
+    tensors = load_file(str(tmp_path / "n.safetensors"))
+    assert {k: (v.dtype, v.ndim) for k, v in tensors.items()} == {
+        "query_ids": (np.int64, 1),
+        "nn_rows": (np.int64, 2),
+        "nn_ids": (np.int64, 2),
+        "nn_scores": (np.float32, 2),
+        "pq_counts": (np.int64, 1),
+        "pq_prob": (np.float64, 1),
+    }
+    assert meta["format"] == "rdm-neighbors/1" and meta["db_fingerprint"] == db_split.fingerprint
+    assert meta["queries"]["spec"] == "fake:tiny" and meta["queries"]["split"] == "train"
+    assert meta["encoder"] == ProjectionEncoder().identity and meta["k_p"] == 4
+    assert meta["exclusion"] == {**meta["exclusion"], "enabled": False, "threshold": 0.98}
+
+
+def test_default_path_is_inside_the_database(db_split):
+    path = compute_neighbors(
+        db_split, SOURCE, "train", ProjectionEncoder(), k=2, k_p=1, progress=False
+    )
+    assert path == db_split.root / "neighbors-train.safetensors" and path.is_file()
+
+
+def test_guards(db_all, db_split, tmp_path):
+    with pytest.raises(
+        IdentityMismatch, match=f"database {db_all.root}.*query encoder fake-projection:9"
+    ):
+        compute_neighbors(db_all, SOURCE, "train", ProjectionEncoder(seed=9), progress=False)
+    nb = run(db_split, tmp_path, k=2, k_p=1)
+    nb.require_database(db_split)
+    with pytest.raises(
+        IdentityMismatch, match=f"fingerprint {db_split.fingerprint}.*{db_all.root}"
+    ):
+        nb.require_database(db_all)
+    nb.require_encoder(ProjectionEncoder().identity, "the model")
+    with pytest.raises(IdentityMismatch, match="but the model with fake-projection"):
+        nb.require_encoder(ProjectionEncoder(seed=2).identity, "the model")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"k": 0}, "-k must lie in 1.."),
+        ({"k": 1000}, "-k must lie in 1.."),
+        ({"k": 4, "k_p": 5}, "--k-p must lie in 1..k=4"),
+        ({"exclude_threshold": 1.5}, "--exclude-threshold"),
+        ({"batch_size": 0}, "--batch-size"),
+    ],
+)
+def test_bad_arguments(db_all, kwargs, message):
+    with pytest.raises(NeighborsError, match=message):
+        compute_neighbors(db_all, SOURCE, "train", ProjectionEncoder(), progress=False, **kwargs)
+
+
+def test_too_few_neighbours_left_after_exclusion_is_explained(tmp_path):
+    src = TinySource(6, copies={i: 0 for i in range(6)})  # six copies of one image
+    db = Database.open(build_database(src, "all", ProjectionEncoder(), tmp_path / "d", **BUILD))
+    with pytest.raises(NeighborsError, match="fewer than k=2 database neighbours left"):
+        compute_neighbors(db, src, "all", ProjectionEncoder(), k=2, k_p=1, progress=False)
+
+
+def test_unreadable_or_foreign_files(tmp_path):
+    with pytest.raises(NeighborsError, match="does not exist"):
+        load_neighbors(tmp_path / "none.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(NeighborsError, match="cannot be read"):
+        load_neighbors(tmp_path / "bad.safetensors")
+    from safetensors.numpy import save_file
+
+    save_file({"x": np.zeros(3)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(NeighborsError, match="not an rdm neighbours file"):
+        load_neighbors(tmp_path / "other.safetensors")
