@@ -1,0 +1,525 @@
+"""Training: the retrieval dataset, one training-loop function and its small helpers.
+
+Exact resume: everything random in a step is a function of (seed, step, process) — which images
+(:class:`StepBatches`), which k of the top-n neighbours, t, ε and the guidance-dropout mask
+(:func:`step_generator`) — and the learning rate and EMA decay are functions of the step. So a run
+killed at step s and resumed from its checkpoint at step c ≤ s repeats steps c+1 … s exactly and
+reaches the same losses and weights as an unbroken run (bit for bit in fp32 on one CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from rdm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from rdm.config import RunConfig, TrainConfig
+from rdm.diffusion import diffusion_loss, make_scheduler
+from rdm.errors import IdentityMismatch, RdmError
+from rdm.model import RetrievalUNet, count_parameters, decode, encode, load_vae
+
+# TrainConfig fields that may change when a run is resumed (they do not alter the trajectory)
+RESUMABLE_CHANGES = (
+    "steps",
+    "log_every",
+    "checkpoint_every",
+    "keep_last",
+    "sample_every",
+    "num_workers",
+)
+
+
+class TrainingDiverged(RdmError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int  # last step trained
+    loss: float  # loss of the last step
+    images_per_s: float  # throughput after the first step (which includes warm-up)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+class RetrievalDataset(Dataset):
+    """Training images with their stored neighbours: items (image, context, index).
+
+    ``image`` (3, H, W) float32 in [-1, 1]; ``context`` (k, d) float32, the database vectors of the
+    first k stored neighbours, or of k drawn at random from the top ``k_random_from_top_n``.
+    Items are addressed by ``(index, draw)``: ``draw`` numbers the draw (a position in the
+    training stream), so the random choice of neighbours is reproducible; a plain int means draw 0.
+    """
+
+    def __init__(
+        self,
+        source,  # rdm.data.Source
+        split: str,
+        db,  # rdm.database.Database
+        neighbors,  # rdm.neighbors.load_neighbors(...) result
+        k: int,
+        resolution: int,
+        k_random_from_top_n: int | None = None,
+        seed: int = 0,
+    ):
+        from rdm.encoders import require_same_identity
+
+        meta = dict(neighbors.meta)
+        db_name = str(getattr(db, "path", getattr(db, "root", "the database")))
+        if meta.get("db_fingerprint") != db.fingerprint:
+            raise IdentityMismatch(
+                f"the neighbours file was computed against database fingerprint "
+                f"{meta.get('db_fingerprint')!r}, but {db_name} has fingerprint "
+                f"{db.fingerprint!r}; recompute the neighbours for this database"
+            )
+        if "encoder" in meta:
+            require_same_identity(meta["encoder"], "the neighbours file", db.identity, db_name)
+        stored = int(neighbors.nn_rows.shape[1])
+        n = k_random_from_top_n or k
+        if not 1 <= k <= n <= stored:
+            raise RdmError(
+                f"k={k} (top n={n}) but the neighbours file stores {stored} neighbours per image; "
+                f"use k <= n <= {stored}, or recompute the neighbours with a larger k"
+            )
+        queries = meta.get("queries", {})
+        if queries.get("split", split) != split or queries.get("spec", source.spec) != source.spec:
+            raise RdmError(
+                f"the neighbours file is for source {queries.get('spec')!r} split "
+                f"{queries.get('split')!r}, not {source.spec!r} split {split!r}; pass the matching "
+                "--data/--split or recompute the neighbours"
+            )
+        self.source, self.db, self.k, self.n = source, db, k, n
+        self.resolution, self.seed, self.random = resolution, seed, k_random_from_top_n is not None
+        self.ids = np.asarray(neighbors.query_ids, dtype=np.int64)  # (N,) source ids
+        self.nn_rows = np.asarray(neighbors.nn_rows[:, :n], dtype=np.int64)  # (N, n) db rows
+        self.meta = meta
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def provenance(self) -> dict:
+        """The RunConfig fields that tie a model to this database, encoder and neighbours."""
+        return {
+            "db_fingerprint": self.db.fingerprint,
+            "encoder": dict(self.db.identity),
+            "neighbors_meta": self.meta,
+        }
+
+    def __getitem__(self, key):
+        index, draw = key if isinstance(key, tuple) else (key, 0)
+        rows = self.nn_rows[index, : self.k]
+        if self.random:
+            rng = np.random.default_rng([self.seed, draw, index])
+            rows = self.nn_rows[index, rng.choice(self.n, self.k, replace=False)]
+        context = torch.from_numpy(np.ascontiguousarray(self.db.vectors(rows), dtype=np.float32))
+        image = image_tensor(self.source.load(int(self.ids[index])), self.resolution)
+        return image, context, index
+
+
+class InMemoryDataset(Dataset):
+    """(image, context, index) items from tensors; for tests, benchmarks and cached data."""
+
+    def __init__(self, images: torch.Tensor, contexts: torch.Tensor):
+        # images (N, 3, H, W) in [-1, 1]; contexts (N, k, d)
+        if len(images) != len(contexts):
+            raise RdmError(f"{len(images)} images but {len(contexts)} contexts")
+        self.images, self.contexts = images, contexts
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index = key[0] if isinstance(key, tuple) else key
+        return self.images[index], self.contexts[index], index
+
+
+def image_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """RGB PIL image -> centre square crop -> resolution² -> (3, H, W) float32 in [-1, 1]."""
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    a = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
+    return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1.0
+
+
+class StepBatches:
+    """Batch sampler: step s gets the items at stream positions [(s-1)·W + r]·B … + B − 1.
+
+    The stream is the concatenation of per-epoch permutations, permutation e drawn from
+    (seed, e); so the batch of a step depends only on (seed, step, process), never on history.
+    Yields lists of ``(index, draw)`` keys with ``draw`` = stream position.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        first_step: int,
+        last_step: int,
+        rank: int = 0,
+        world: int = 1,
+    ):
+        if n < 1:
+            raise RdmError("the training dataset is empty")
+        self.n, self.batch, self.seed = n, batch_size, seed
+        self.first, self.last, self.rank, self.world = first_step, last_step, rank, world
+        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return max(0, self.last - self.first + 1)
+
+    def position(self, step: int) -> dict:
+        """Where the stream stands after ``step`` (saved in checkpoints, for the record)."""
+        done = step * self.world * self.batch
+        return {
+            "epoch": done // self.n,
+            "offset": done % self.n,
+            "items": self.n,
+            "batch_size": self.batch,
+            "world_size": self.world,
+        }
+
+    def __iter__(self):
+        for step in range(self.first, self.last + 1):
+            start = ((step - 1) * self.world + self.rank) * self.batch
+            yield [(self._item(p), p) for p in range(start, start + self.batch)]
+
+    def _item(self, position: int) -> int:
+        epoch = position // self.n
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._perm_epoch = epoch
+        return int(self._perm[position % self.n])
+
+
+# --- schedules ----------------------------------------------------------------------------------
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The CPU generator for all of a step's noise: t, ε, dropout mask, VAE posterior sample."""
+    state = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps`` (LDM's LambdaLinear), then constant."""
+    if cfg.warmup_steps <= 0:
+        return cfg.lr
+    return cfg.lr * min(1.0, step / cfg.warmup_steps)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """Short memory at the start so the EMA does not average in the random initialisation."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """θ_ema ← decay · θ_ema + (1 − decay) · θ; buffers are copied."""
+    ema_p = [p for p in ema.parameters()]
+    model_p = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
+        b_ema.copy_(b)
+
+
+# --- the training loop --------------------------------------------------------------------------
+
+
+def train(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    dataset: Dataset,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``cfg.model`` on ``dataset`` items (image, context, index) into ``run_dir``."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    tc = cfg.train
+    run_dir = Path(run_dir)
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+
+    # Prepare the run directory.
+    if main:
+        _prepare_run_dir(run_dir, cfg, resume)
+    accelerator.wait_for_everyone()
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    _check_dataset(dataset, cfg)
+
+    # Build model (its initialisation is a function of the seed, too).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tc.seed)
+        model = RetrievalUNet(cfg.model)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay
+    )
+    scheduler = make_scheduler(cfg.diffusion)
+    vae = load_vae(cfg.model, device)
+
+    # Resume.
+    start = 0
+    if checkpoint is not None:
+        start = int(load_checkpoint(checkpoint, model, ema, optimizer)["step"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.to(device)
+    if main:
+        _truncate_loss_csv(run_dir / "loss.csv", start)
+        what = f"resuming from {checkpoint}" if checkpoint else "starting"
+        print(
+            f"rdm train: {what}; {count_parameters(ema) / 1e6:.2f}M parameters, "
+            f"{len(dataset)} training images, {world} process(es) on {device}"
+        )
+
+    # Load data.
+    batches = StepBatches(len(dataset), tc.batch_size, tc.seed, start + 1, tc.steps, rank, world)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=tc.num_workers)
+
+    bar = tqdm(total=tc.steps, initial=start, disable=not (progress and main), unit="step")
+    rows: list[tuple[int, float, float]] = []
+    step, loss_value, t_first, images = start, float("nan"), None, 0
+    for images_batch, context, _ in loader:
+        step += 1
+
+        # Training step.
+        lr = lr_at(step, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        g = step_generator(tc.seed, step, rank)
+        x0 = encode(vae, images_batch.to(device), cfg.model, g)
+        loss = diffusion_loss(model, x0, context.to(device), scheduler, g, tc.p_uncond)
+        loss_value = accelerator.reduce(loss.detach(), "mean").item()
+        if not math.isfinite(loss_value):
+            last = latest_checkpoint(run_dir)
+            raise TrainingDiverged(
+                f"loss is {loss_value} at step {step}; the last good checkpoint is "
+                f"{last or 'none (no checkpoint was written yet)'}. Lower --lr or use "
+                "--mixed-precision no, then resume"
+            )
+        accelerator.backward(loss)
+        if tc.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # Update EMA.
+        ema_update(ema, accelerator.unwrap_model(model), ema_decay_at(step, tc.ema_decay))
+
+        # Log.
+        rows.append((step, loss_value, lr))
+        if t_first is None:
+            t_first = time.perf_counter()  # throughput excludes the first (warm-up) step
+        else:
+            images += tc.batch_size * world
+        ips = images / max(time.perf_counter() - t_first, 1e-9)
+        bar.update(1)
+        if step % tc.log_every == 0 or step == tc.steps:
+            bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.1f}")
+            if main:
+                _append_loss_csv(run_dir / "loss.csv", rows)
+            rows = []
+
+        # Save checkpoint.
+        if step % tc.checkpoint_every == 0 or step == tc.steps:
+            if main:
+                _append_loss_csv(run_dir / "loss.csv", rows)
+                rows = []
+                state = {"data": batches.position(step), "loss": loss_value, "seed": tc.seed}
+                save_checkpoint(
+                    run_dir,
+                    step,
+                    accelerator.unwrap_model(model),
+                    ema,
+                    optimizer,
+                    state,
+                    cfg,
+                    tc.keep_last,
+                )
+                _plot_loss(run_dir / "loss.csv", run_dir / "loss.png")
+            accelerator.wait_for_everyone()
+
+        # Sample grid.
+        if tc.sample_every and step % tc.sample_every == 0 and main:
+            save_sample_grid(ema, cfg, dataset, vae, run_dir / "samples" / f"step-{step:07d}.png")
+    bar.close()
+
+    # Save the final weights beside config.json.
+    if main:
+        save_weights(accelerator.unwrap_model(model), run_dir / "model.safetensors")
+        save_weights(ema, run_dir / "ema.safetensors")
+        cfg.to_json(run_dir / "config.json")
+    accelerator.wait_for_everyone()
+    seconds = time.perf_counter() - t_first if t_first else 0.0
+    return TrainResult(run_dir, step, loss_value, images / seconds if seconds else float("nan"))
+
+
+# --- helpers of the loop ------------------------------------------------------------------------
+
+
+def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
+    """Create ``run_dir`` or check that ``cfg`` may resume the run in it; write config.json."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise RdmError(
+            f"cannot write to run directory {run_dir} ({exc.strerror or exc}); choose a writable --out"
+        ) from None
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        cfg.to_json(config_path)
+        return
+    if not resume:
+        raise RdmError(
+            f"{run_dir} already holds a run (config.json); pass --resume to continue it, "
+            "or choose a new --out"
+        )
+    check_resume_config(RunConfig.from_json(config_path), cfg, run_dir)
+    cfg.to_json(config_path)
+
+
+def check_resume_config(old: RunConfig, new: RunConfig, run_dir: Path) -> None:
+    """Refuse to resume a run with a different model, encoder, database or trajectory."""
+    if old.preset != new.preset or old.model != new.model:
+        raise RdmError(
+            f"{run_dir} was trained with preset {old.preset!r} and model {old.model}; the "
+            f"requested preset {new.preset!r} / model {new.model} differs. Resume with the same "
+            "settings or choose a new --out"
+        )
+    from rdm.encoders import require_same_identity
+
+    if old.encoder and new.encoder:
+        require_same_identity(old.encoder, f"run {run_dir}", new.encoder, "the given database")
+    if old.db_fingerprint != new.db_fingerprint:
+        raise IdentityMismatch(
+            f"{run_dir} was trained with database fingerprint {old.db_fingerprint!r} but the "
+            f"given database has {new.db_fingerprint!r}; resume with the original --db"
+        )
+    changed = [
+        f"{f.name}: {getattr(old.train, f.name)!r} -> {getattr(new.train, f.name)!r}"
+        for f in fields(TrainConfig)
+        if f.name not in RESUMABLE_CHANGES
+        and getattr(old.train, f.name) != getattr(new.train, f.name)
+    ]
+    if changed or old.diffusion != new.diffusion:
+        raise RdmError(
+            f"cannot resume {run_dir} exactly with changed settings ({'; '.join(changed) or 'diffusion'}); "
+            f"only {', '.join(RESUMABLE_CHANGES)} may change on resume"
+        )
+
+
+def _check_dataset(dataset: Dataset, cfg: RunConfig) -> None:
+    image, context, _ = dataset[(0, 0)]
+    want_ctx = (cfg.model.k, cfg.model.context_dim)
+    want_img = (3, cfg.model.resolution, cfg.model.resolution)
+    if tuple(context.shape) != want_ctx or tuple(image.shape) != want_img:
+        raise RdmError(
+            f"dataset items have image {tuple(image.shape)} and context {tuple(context.shape)}, "
+            f"but the model config expects {want_img} and (k, d) = {want_ctx}"
+        )
+
+
+def _truncate_loss_csv(path: Path, step: int) -> None:
+    """Keep the rows of steps <= ``step`` (a resumed run rewrites the rest)."""
+    kept = []
+    if path.exists() and step > 0:
+        with open(path, newline="") as f:
+            kept = [
+                r for r in csv.reader(f) if len(r) == 3 and r[0].isdigit() and int(r[0]) <= step
+            ]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss", "lr"])
+        w.writerows(kept)
+    os.replace(tmp, path)
+
+
+def _append_loss_csv(path: Path, rows: list[tuple[int, float, float]]) -> None:
+    if rows:
+        with open(path, "a", newline="") as f:
+            csv.writer(f).writerows((s, repr(loss), repr(lr)) for s, loss, lr in rows)
+
+
+def read_loss_csv(path: str | Path) -> list[tuple[int, float]]:
+    with open(path, newline="") as f:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+
+
+def _plot_loss(csv_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = np.array(read_loss_csv(csv_path), dtype=np.float64).reshape(-1, 2)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(data[:, 0], data[:, 1], lw=0.5, alpha=0.4, label="loss")
+    if len(data) >= 20:
+        w = max(len(data) // 50, 10)
+        smooth = np.convolve(data[:, 1], np.ones(w) / w, mode="valid")
+        ax.plot(data[w - 1 :, 0], smooth, lw=1.5, label=f"mean of {w}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("ε-MSE")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path.with_name(png_path.name + ".tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+@torch.no_grad()
+def save_sample_grid(model, cfg: RunConfig, dataset: Dataset, vae, path: Path) -> None:
+    """Rows: training images, samples from their neighbours (guided), samples from ∅."""
+    from rdm.sampling import get_sampler, guided, initial_noise, to_uint8
+    from rdm.sheets import image_grid, save_png
+
+    sc = cfg.sample
+    n = min(sc.grid_size, len(dataset))
+    items = [dataset[(i, 0)] for i in range(n)]
+    device = next(model.parameters()).device
+    context = torch.stack([c for _, c, _ in items]).to(device)
+    seeds = [sc.seed + i for i in range(n)]
+    shape = (cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size)
+    sampler = get_sampler(sc.sampler)
+    rows = [[Image.fromarray(a) for a in to_uint8(torch.stack([im for im, _, _ in items]))]]
+    was_training = model.training
+    model.eval()
+    for ctx, scale in ((context, sc.guidance_scale), (None, 1.0)):
+        x_T, gens = initial_noise(seeds, shape, device)
+        x0 = sampler(
+            guided(model, ctx, None, scale),
+            x_T,
+            cfg.diffusion,
+            sc.steps,
+            eta=sc.eta,
+            generators=gens,
+        )
+        rows.append([Image.fromarray(a) for a in to_uint8(decode(vae, x0, cfg.model))])
+    model.train(was_training)
+    labels = ["data", f"neighbours s={sc.guidance_scale:g}", "null context"]
+    save_png(image_grid(rows, labels, cell=max(cfg.model.resolution, 32)), path)
