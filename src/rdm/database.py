@@ -315,7 +315,7 @@ def _build_and_save_index(out: Path, emb: np.ndarray, memory_budget: float, prog
     n, d = emb.shape
     spec = faiss_index.choose_index(n, d, memory_budget)
     if progress:
-        _note(f"indexing {n} vectors with {spec.type} {spec.params or ''}")
+        _note(f"indexing {n} vectors: {spec.factory(d)} (inner product)")
     index = faiss_index.build_index(emb, spec)
     k = min(RECALL_K, n - 1)
     if spec.type == "flat" or k < 1:

@@ -196,21 +196,25 @@ def exact_search(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np
     """Numpy brute force (matmul + argpartition over chunks of ``xb``): the reference for recall
     and for tests. Same ``(D, I)`` convention as :func:`search`, sorted by score then row."""
     xq = _f32(np.atleast_2d(xq))
-    n = xb.shape[0]
-    k = min(k, n)
-    best_D = np.full((len(xq), 0), -np.inf, np.float32)
+    k = min(k, xb.shape[0])
+    best_D = np.zeros((len(xq), 0), np.float32)
     best_I = np.zeros((len(xq), 0), np.int64)
-    for start in range(0, n, CHUNK):
+    for start in range(0, xb.shape[0], CHUNK):
         scores = xq @ _f32(xb[start : start + CHUNK]).T  # (B, chunk)
-        rows = np.broadcast_to(np.arange(start, start + scores.shape[1]), scores.shape)
-        D = np.concatenate([best_D, scores], axis=1)
-        I = np.concatenate([best_I, rows], axis=1)
-        if D.shape[1] > k:
-            top = np.argpartition(-D, k - 1, axis=1)[:, :k]
-            D, I = np.take_along_axis(D, top, 1), np.take_along_axis(I, top, 1)
-        best_D, best_I = D, I
+        top = _top(scores, k)  # (B, ≤k) columns of this chunk's best
+        D = np.concatenate([best_D, np.take_along_axis(scores, top, 1)], axis=1)
+        I = np.concatenate([best_I, top + start], axis=1)
+        top = _top(D, k)  # merge with the best so far
+        best_D, best_I = np.take_along_axis(D, top, 1), np.take_along_axis(I, top, 1)
     order = np.lexsort((best_I, -best_D), axis=1)  # by score descending, then row ascending
     return np.take_along_axis(best_D, order, 1), np.take_along_axis(best_I, order, 1)
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Column indices (B, min(k, C)) of each row's k largest scores, unordered."""
+    if scores.shape[1] <= k:
+        return np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    return np.argpartition(-scores, k - 1, axis=1)[:, :k]
 
 
 # ---- recall -------------------------------------------------------------------------------------
@@ -295,7 +299,9 @@ def tune_index(
         steps = [("efSearch", 16, 1024)]
     else:
         refine = spec.params["refine"] != "none"
-        steps = [("nprobe", 1, spec.params["nlist"])] + [("k_factor", 2 * spec.params["k_factor"], 64)] * refine
+        steps = [("nprobe", 1, spec.params["nlist"])] + [
+            ("k_factor", 2 * spec.params["k_factor"], 64)
+        ] * refine
     best, best_recall = spec, -1.0
     for knob, value, limit in steps:
         while True:

@@ -195,7 +195,7 @@ def _write_sheet(db, source, path: Path, D, I, query_image, label: str) -> None:
     from rdm.sheets import contact_sheet, save_png
 
     images = [_load(source, int(db.ids[row])) for row in I]
-    captions = [f"#{r} id {db.ids[row]} {db.captions[row]}" for r, row in enumerate(I, start=1)]
+    captions = [f"{db.ids[row]} {db.captions[row]}" for row in I]  # cells are in rank order
     scores = [float(s) for s in D]
     if query_image is not None:
         images, captions, scores = [query_image, *images], ["query", *captions], [1.0, *scores]
