@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rdm.config import ModelConfig, preset
+from rdm.config import PRESETS, ModelConfig, preset
 from rdm.errors import RdmError
 
 
@@ -89,16 +89,14 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def preset_parameter_counts() -> dict[str, int]:
-    """Trainable parameters of each preset's model (with d = 512 for small and base)."""
-    return {
-        name: count_parameters(RetrievalUNet(preset(name).model))
-        for name in ("tiny", "small", "base")
-    }
+def preset_parameter_counts(names: tuple[str, ...] = PRESETS) -> dict[str, int]:
+    """Parameters of each preset's model (d = 16 for tiny, 512 for small and base)."""
+    return {name: count_parameters(RetrievalUNet(preset(name).model)) for name in names}
 
 
-def print_parameter_counts() -> None:
-    for name, n in preset_parameter_counts().items():
+def print_parameter_counts(names: tuple[str, ...] = PRESETS) -> None:
+    """One line per preset: parameters, resolution, channels, heads (``python -m rdm.model``)."""
+    for name, n in preset_parameter_counts(names).items():
         cfg = preset(name).model
         print(
             f"{name:6s} {n / 1e6:8.3f}M parameters  {cfg.resolution}px  "
@@ -177,3 +175,7 @@ def _scale(cfg: ModelConfig) -> float:
 def unet_input_shape(cfg: ModelConfig) -> tuple[int, int, int]:
     """(C, H, W) of x_t for one sample."""
     return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+
+if __name__ == "__main__":
+    print_parameter_counts()

@@ -15,6 +15,7 @@ whether it is generated alone or in a batch.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -77,13 +78,15 @@ def ddim(
     """DDIM (Song et al. 2021, eq. 12); η = 0 is deterministic, η = 1 is DDPM-like."""
     from diffusers import DDIMScheduler
 
-    # "leading" + offset 1 gives LDM's timesteps 1, 1 + T/steps, ...; no clipping (latents are
-    # not in [-1, 1]); the last step lands on ᾱ = 1, i.e. a clean x_0.
+    # "leading" + offset 1 gives LDM's timesteps 1, 1 + T/steps, ... (offset 0 when steps = T,
+    # where 1 … T would overrun); no clipping (latents are not in [-1, 1]); the last step lands
+    # on ᾱ = 1, i.e. a clean x_0.
+    T = _check_steps(steps, diffusion_cfg)
     scheduler = DDIMScheduler(
         **scheduler_config(diffusion_cfg),
         clip_sample=False,
         set_alpha_to_one=True,
-        steps_offset=1,
+        steps_offset=1 if T // steps > 1 else 0,
         timestep_spacing="leading",
     )
     scheduler.set_timesteps(steps, device=x_T.device)
@@ -111,6 +114,7 @@ def dpm_solver_pp(
     """
     from diffusers import DPMSolverMultistepScheduler
 
+    _check_steps(steps, diffusion_cfg)
     if eta not in (0.0, 1.0):
         raise RdmError(
             f"eta={eta} with the dpm++ sampler: use 0 (ODE solver) or 1 (SDE-DPM-Solver++)"
@@ -121,7 +125,9 @@ def dpm_solver_pp(
         solver_order=2,
     )
     timesteps = log_snr_timesteps(scheduler.alphas_cumprod, steps)
-    scheduler.set_timesteps(timesteps=timesteps, device=x_T.device)
+    with warnings.catch_warnings():  # diffusers calls np.array on a tensor (numpy 2 notice)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scheduler.set_timesteps(timesteps=timesteps, device=x_T.device)
     return _run(scheduler, denoise, x_T, progress, generator=generators)
 
 
@@ -137,6 +143,13 @@ def log_snr_timesteps(alphas_cumprod: torch.Tensor, steps: int) -> list[int]:
     grid = torch.linspace(float(lam[t_max]), float(lam[0]), steps + 1)[:-1]
     nearest = (lam[None, :] - grid[:, None]).abs().argmin(dim=1)
     return sorted({int(t) for t in nearest}, reverse=True)
+
+
+def _check_steps(steps: int, cfg: DiffusionConfig) -> int:
+    T = cfg.num_train_timesteps
+    if not 1 <= steps <= T:
+        raise RdmError(f"steps={steps}: sample with 1 to {T} steps (the training timesteps)")
+    return T
 
 
 def _run(scheduler, denoise: Denoiser, x: torch.Tensor, progress: bool, **step_kw):
