@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from rdm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint,
 from rdm.config import preset
 from rdm.errors import IdentityMismatch, RdmError
 from rdm.model import RetrievalUNet
+from rdm.neighbors import Neighbors
 from rdm.train import (
     InMemoryDataset,
     RetrievalDataset,
@@ -184,6 +184,11 @@ def test_run_dir_errors(tmp_path):
     changed_seed = replace(cfg, train=replace(cfg.train, seed=1))
     with pytest.raises(RdmError, match="seed: 0 -> 1"):
         train(changed_seed, tmp_path / "run", data, resume=True, progress=False)
+    identity = {"arch": "a", "weights_sha256": "1", "dim": 16}
+    train(replace(cfg, encoder=identity), tmp_path / "enc", data, progress=False)
+    other_encoder = replace(cfg, encoder={**identity, "weights_sha256": "2"})
+    with pytest.raises(IdentityMismatch, match="encoder"):
+        train(other_encoder, tmp_path / "enc", data, resume=True, progress=False)
     other_db = replace(cfg, db_fingerprint="0123456789abcdef")
     with pytest.raises(IdentityMismatch, match="0123456789abcdef"):
         train(other_db, tmp_path / "run", data, resume=True, progress=False)
@@ -236,7 +241,7 @@ class FakeDb:
     fingerprint = "dbfp000000000001"
     identity = {"arch": "fake", "weights_sha256": "0", "dim": 8, "spec": "x"}
     dim = 8
-    path = "/dbs/fake"
+    root = Path("/dbs/fake")
 
     def __init__(self, n=30):
         rng = np.random.default_rng(0)
@@ -249,9 +254,14 @@ class FakeDb:
 
 def fake_neighbors(n=5, stored=6, fingerprint="dbfp000000000001"):
     rng = np.random.default_rng(1)
-    return SimpleNamespace(
+    nn_rows = np.stack([rng.permutation(30)[:stored] for _ in range(n)])
+    return Neighbors(
         query_ids=np.arange(n, dtype=np.int64) * 2,
-        nn_rows=np.stack([rng.permutation(30)[:stored] for _ in range(n)]),
+        nn_rows=nn_rows,
+        nn_ids=nn_rows,
+        nn_scores=np.ones((n, stored), np.float32),
+        pq_counts=np.zeros(30, np.int64),
+        pq_prob=np.zeros(30),
         meta={
             "db_fingerprint": fingerprint,
             "encoder": FakeDb.identity,
@@ -290,3 +300,69 @@ def test_retrieval_dataset_refusals():
         RetrievalDataset(src, "train", db, fake_neighbors(fingerprint="ffffffffffffffff"), 4, 8)
     with pytest.raises(RdmError, match="split 'train', not 'fake' split 'db'"):
         RetrievalDataset(src, "db", db, fake_neighbors(), k=4, resolution=8)
+
+
+# --- the command line, end to end on a folder source and a real database ----------------------
+
+
+@pytest.fixture(scope="module")
+def retrieval_setup(tmp_path_factory):
+    """A folder of 30 images, a database of its 'db' split, neighbours of its 'train' split."""
+    from fakes_retrieval import ProjectionEncoder
+
+    from rdm.data import open_source
+    from rdm.database import build_database
+    from rdm.neighbors import compute_neighbors
+
+    root = tmp_path_factory.mktemp("train-cli")
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"img{i:02d}.png")
+    source = open_source(str(root))
+    opts = {"batch_size": 8, "shard_size": 16, "progress": False}
+    db = build_database(source, "db", ProjectionEncoder(), tmp_path_factory.mktemp("db"), **opts)
+    other_db = build_database(
+        source, "all", ProjectionEncoder(), tmp_path_factory.mktemp("db2"), **opts
+    )
+    from rdm.database import Database
+
+    nb = compute_neighbors(Database.open(db), source, "train", ProjectionEncoder(), k=6,
+                           progress=False)  # fmt: skip
+    return {"data": str(root), "db": db, "other_db": other_db, "neighbors": nb}
+
+
+def cli(*argv):
+    from rdm.cli import main
+
+    return main(["train", *map(str, argv)])
+
+
+def test_cli_trains_resumes_and_refuses_mismatches(retrieval_setup, tmp_path, capsys):
+    s = retrieval_setup
+    common = ["--data", s["data"], "--db", s["db"], "--neighbors", s["neighbors"]]
+    run = tmp_path / "run"
+    assert (
+        cli(*common, "--preset", "tiny", "--out", run, "--steps", 2, "--checkpoint-every", 1) == 0
+    )
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["context_dim"] == 16 and cfg["db_fingerprint"]
+    assert cfg["encoder"]["arch"] == "fake-projection" and cfg["neighbors_meta"]["k"] == 6
+
+    # resume: data, db and neighbours default to the run's; only --steps is raised
+    assert cli("--out", run, "--resume", "--steps", 3) == 0
+    assert [s for s, _ in read_loss_csv(run / "loss.csv")] == [1, 2, 3]
+    capsys.readouterr()
+
+    def error(*argv) -> str:
+        assert cli(*argv) == 2
+        return capsys.readouterr().err
+
+    assert "preset 'tiny', not 'small'" in error("--out", run, "--resume", "--preset", "small")
+    assert "k=8" in error(*common, "--preset", "tiny", "--out", tmp_path / "r2", "--k", 8)
+    msg = error(*common[:2], "--db", s["other_db"], "--neighbors", s["neighbors"],
+                "--preset", "tiny", "--out", tmp_path / "r3")  # fmt: skip
+    assert "fingerprint" in msg and str(s["other_db"]) in msg
+    (tmp_path / "file").write_text("")
+    assert "cannot write" in error(*common, "--preset", "tiny", "--out", tmp_path / "file" / "r")
+    assert "--resume" in error(*common, "--preset", "tiny", "--out", run)

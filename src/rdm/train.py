@@ -68,24 +68,15 @@ class RetrievalDataset(Dataset):
         source,  # rdm.data.Source
         split: str,
         db,  # rdm.database.Database
-        neighbors,  # rdm.neighbors.load_neighbors(...) result
+        neighbors,  # rdm.neighbors.Neighbors (load_neighbors(path))
         k: int,
         resolution: int,
         k_random_from_top_n: int | None = None,
         seed: int = 0,
     ):
-        from rdm.encoders import require_same_identity
-
+        neighbors.require_database(db)  # rows index this database (fingerprints named)
+        neighbors.require_encoder(db.identity, f"database {db.root}")
         meta = dict(neighbors.meta)
-        db_name = str(getattr(db, "path", getattr(db, "root", "the database")))
-        if meta.get("db_fingerprint") != db.fingerprint:
-            raise IdentityMismatch(
-                f"the neighbours file was computed against database fingerprint "
-                f"{meta.get('db_fingerprint')!r}, but {db_name} has fingerprint "
-                f"{db.fingerprint!r}; recompute the neighbours for this database"
-            )
-        if "encoder" in meta:
-            require_same_identity(meta["encoder"], "the neighbours file", db.identity, db_name)
         stored = int(neighbors.nn_rows.shape[1])
         n = k_random_from_top_n or k
         if not 1 <= k <= n <= stored:

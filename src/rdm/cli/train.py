@@ -1,0 +1,128 @@
+"""``rdm train --data SOURCE --db DIR --out RUN [--preset small] [--resume] ...``"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from rdm.errors import RdmError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a retrieval-augmented diffusion model (resumable)",
+        description="Train the conditional UNet on a source's training split, each image "
+        "conditioned on its k stored database neighbours. Checkpoints go to RUN/checkpoints; "
+        "--resume continues exactly where the last checkpoint left off.",
+    )
+    p.add_argument("--data", help="training source spec (default on --resume: the run's)")
+    p.add_argument("--split", help="split of --data to train on (default train)")
+    p.add_argument("--db", type=Path, help="database directory (default on --resume: the run's)")
+    p.add_argument(
+        "--neighbors", type=Path, help="neighbours file (default DB/neighbors-SPLIT.safetensors)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--preset", choices=("tiny", "small", "base"), help="model size (default small)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--baseline", action="store_true", help="no retrieval: always the null context")
+    p.add_argument("--vae", type=Path, help="train in the latent space of this AutoencoderKL dir")
+    model = p.add_argument_group("model (fixed once a run has started)")
+    model.add_argument("--resolution", type=int, help="image side in pixels")
+    model.add_argument("--k", type=int, help="neighbours per image (default 4)")
+    model.add_argument("--null-context", choices=("learned", "zeros"))
+    train = p.add_argument_group("training")
+    train.add_argument("--steps", type=int, help="total steps (may be raised on --resume)")
+    train.add_argument("--batch-size", type=int, help="images per step and process")
+    train.add_argument("--lr", type=float)
+    train.add_argument("--warmup", type=int, dest="warmup_steps", help="linear warm-up steps")
+    train.add_argument("--ema-decay", type=float)
+    train.add_argument("--p-uncond", type=float, help="guidance dropout of the neighbour set")
+    train.add_argument("--k-top-n", type=int, dest="k_random_from_top_n",
+                       help="draw the k neighbours at random from the top n stored")  # fmt: skip
+    train.add_argument("--mixed-precision", choices=("bf16", "no"))
+    train.add_argument("--seed", type=int)
+    train.add_argument("--checkpoint-every", type=int)
+    train.add_argument("--sample-every", type=int, help="sample grid every N steps (0: never)")
+    train.add_argument("--log-every", type=int)
+    train.add_argument("--num-workers", type=int, help="DataLoader worker processes")
+    p.set_defaults(func=run)
+
+
+TRAIN_FLAGS = (
+    "steps", "batch_size", "lr", "warmup_steps", "ema_decay", "p_uncond", "k_random_from_top_n",
+    "mixed_precision", "seed", "checkpoint_every", "sample_every", "log_every", "num_workers",
+)  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from rdm.config import DataConfig, RunConfig, preset
+    from rdm.data import open_source
+    from rdm.database import Database
+    from rdm.model import vae_settings
+    from rdm.neighbors import load_neighbors
+    from rdm.train import RetrievalDataset, train
+
+    # Start from the run's own config on --resume, else from the preset.
+    saved = args.out / "config.json"
+    if args.resume and saved.is_file():
+        cfg = RunConfig.from_json(saved)
+        if args.preset and args.preset != cfg.preset:
+            raise RdmError(
+                f"--out {args.out} was trained with preset {cfg.preset!r}, not {args.preset!r}; "
+                "drop --preset to resume it, or choose a new --out"
+            )
+    else:
+        cfg = preset(args.preset or "small")
+    data = DataConfig(
+        source=args.data or cfg.data.source,
+        split=args.split or cfg.data.split,
+        db=str(args.db or cfg.data.db),
+        neighbors=str(args.neighbors or cfg.data.neighbors or ""),
+    )
+    if not data.source or not data.db:
+        raise RdmError("give --data SOURCE and --db DIR (they are only optional with --resume)")
+    if not data.neighbors:
+        data.neighbors = str(Path(data.db) / f"neighbors-{data.split}.safetensors")
+
+    # Apply the command-line overrides.
+    model_changes = {
+        name: getattr(args, name)
+        for name in ("resolution", "k", "null_context")
+        if getattr(args, name) is not None
+    }
+    if args.baseline:
+        model_changes["baseline"] = True
+    if args.vae is not None:
+        model_changes.update(vae_settings(args.vae))
+    train_changes = {n: getattr(args, n) for n in TRAIN_FLAGS if getattr(args, n) is not None}
+
+    # Open the source, database and neighbours; the model reads d from the database.
+    source = open_source(data.source)
+    db = Database.open(data.db)
+    neighbors = load_neighbors(data.neighbors)
+    cfg = replace(
+        cfg,
+        model=replace(cfg.model, context_dim=db.dim, **model_changes),
+        train=replace(cfg.train, **train_changes),
+        data=data,
+    )
+    dataset = RetrievalDataset(
+        source,
+        data.split,
+        db,
+        neighbors,
+        k=cfg.model.k,
+        resolution=cfg.model.resolution,
+        k_random_from_top_n=cfg.train.k_random_from_top_n,
+        seed=cfg.train.seed,
+    )
+    cfg = replace(cfg, **dataset.provenance())
+
+    result = train(cfg, args.out, dataset, resume=args.resume)
+    print(
+        f"trained {result.step} steps into {result.run_dir} (last loss {result.loss:.4f}, "
+        f"{result.images_per_s:.1f} images/s); sample with 'rdm sample {result.run_dir} ...'"
+    )
+    return 0
