@@ -41,6 +41,10 @@ class Conditioning:
     labels: list[str]  # per sample: a short description of the condition
     query_images: list[Image.Image | None] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if not self.query_images:
+            self.query_images = [None] * len(self.context)
+
     def __len__(self) -> int:
         return len(self.context)
 
@@ -352,7 +356,7 @@ class RDMPipeline:
 
         rows = []
         for i in range(len(samples)):
-            query = cond.query_images[i] if cond.query_images else None
+            query = cond.query_images[i]
             rows.append(([query] if query is not None else []) + self.neighbor_images(cond.rows[i]))
         width = max(len(r) for r in rows)
         rows = [r + [None] * (width - len(r)) + [s] for r, s in zip(rows, samples, strict=True)]

@@ -1,0 +1,136 @@
+"""The offline first run: Fashion-MNIST, the shipped small CLIP and the shipped trained model.
+
+``run_demo`` builds (or resumes) the Fashion-MNIST database D = the ``db`` half of the training file
+with the default encoder, computes the training neighbours of the other half X (which also gives
+p(x̃)), and samples grids in all three modes: image query, text prompt, and unconditional
+pseudo-queries. With ``train=True`` it first re-creates the model from scratch with ``rdm train``'s
+library call, in resumable chunks, exactly as the shipped checkpoint was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from rdm.errors import RdmError
+
+ASSETS = Path(__file__).parent / "assets"
+SHIPPED_RUN = ASSETS / "demo-fashion"
+SOURCE = "fashion-mnist"
+PROMPTS = ("Sneaker", "Trouser", "Bag", "Dress")
+QUERY_TEST_IDS = (60000, 60001, 60002, 60010)  # Fashion-MNIST test images 0, 1, 2, 10
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    out: Path = Path("runs/demo")
+    encoder: str = "default"
+    source: str = SOURCE
+    train: bool = False  # re-create the model from scratch instead of using the shipped one
+    preset: str = "small"
+    steps: int = 6000
+    batch_size: int = 64
+    seed: int = 0
+    samples_per_prompt: int = 4
+    sampler_steps: int | None = None  # None: the run's own sample config
+    guidance_scale: float | None = None
+
+
+def demo_train_config(preset_name: str, context_dim: int, steps: int, batch_size: int, seed: int):
+    """The run config of the demo model (``rdm demo --train`` and the shipped checkpoint)."""
+    from rdm.config import preset
+
+    cfg = preset(preset_name)
+    cfg.model = dataclasses.replace(cfg.model, context_dim=context_dim, k=4)
+    cfg.train = dataclasses.replace(
+        cfg.train,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        checkpoint_every=250,
+        sample_every=1000,
+        log_every=10,
+    )
+    return cfg
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Path]:
+    """Build what is missing, then write ``image.png``, ``text.png`` and ``unconditional.png``."""
+    from rdm.data import open_source
+    from rdm.database import Database, build_database
+    from rdm.encoders import load_encoder
+    from rdm.neighbors import compute_neighbors
+    from rdm.pipeline import RDMPipeline
+    from rdm.sheets import save_png
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    source = open_source(cfg.source)
+    encoder = load_encoder(cfg.encoder)
+
+    # Database D and the training neighbours of X (both resume / no-op when already built).
+    db = Database.open(build_database(source, "db", encoder, out / "db"))
+    nn_path = out / "db" / "neighbors-train.safetensors"
+    if not nn_path.is_file():
+        compute_neighbors(db, source, "train", encoder, k=20, out=nn_path)
+
+    # The model: shipped, or re-created from scratch.
+    run_dir = SHIPPED_RUN
+    if cfg.train:
+        run_dir = train_demo_model(cfg, source, db, nn_path)
+    elif not (run_dir / "config.json").is_file():
+        raise RdmError(
+            f"the shipped demo model is missing from {run_dir}; re-create it with 'rdm demo --train'"
+        )
+    pipe = RDMPipeline.from_pretrained(run_dir, db, neighbors=nn_path, encoder=encoder)
+
+    # One grid per inference mode.
+    n = cfg.samples_per_prompt
+    kw = dict(steps=cfg.sampler_steps, guidance_scale=cfg.guidance_scale)
+    written = {}
+    for name, conds in {
+        "image": [pipe.image_context(source.load(i), n) for i in QUERY_TEST_IDS],
+        "text": [pipe.text_context(p, n) for p in PROMPTS],
+        "unconditional": [pipe.pseudo_query_context(n * len(PROMPTS), top_m=0.01, seed=cfg.seed)],
+    }.items():
+        cond = _concat(conds)
+        samples = pipe(cond, list(range(cfg.seed, cfg.seed + len(cond))), **kw)
+        written[name] = save_png(pipe.grid(cond, samples), out / f"{name}.png")
+        print(f"rdm demo: wrote {written[name]}")
+    print(f"rdm demo: done in {time.perf_counter() - t0:.0f} s (model: {run_dir})")
+    return written
+
+
+def train_demo_model(cfg: DemoConfig, source, db, nn_path: Path) -> Path:
+    """Train the demo model into ``out/run``; rerunning resumes from the last checkpoint."""
+    from rdm.neighbors import load_neighbors
+    from rdm.train import RetrievalDataset, train
+
+    run_cfg = demo_train_config(cfg.preset, db.dim, cfg.steps, cfg.batch_size, cfg.seed)
+    neighbors = load_neighbors(nn_path)
+    dataset = RetrievalDataset(
+        source, "train", db, neighbors, k=run_cfg.model.k, resolution=run_cfg.model.resolution
+    )
+    for key, value in dataset.provenance().items():
+        setattr(run_cfg, key, value)
+    run_cfg.data = dataclasses.replace(
+        run_cfg.data, source=source.spec, split="train", db=str(db.root), neighbors=str(nn_path)
+    )
+    run_dir = Path(cfg.out) / "run"
+    resume = (run_dir / "config.json").is_file()
+    train(run_cfg, run_dir, dataset, resume=resume)
+    return run_dir
+
+
+def _concat(conds):
+    import numpy as np
+
+    from rdm.pipeline import Conditioning
+
+    return Conditioning(
+        np.concatenate([c.context for c in conds]),
+        [r for c in conds for r in c.rows],
+        [lab for c in conds for lab in c.labels],
+        [q for c in conds for q in c.query_images],
+    )
