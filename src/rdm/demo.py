@@ -19,7 +19,7 @@ ASSETS = Path(__file__).parent / "assets"
 SHIPPED_RUN = ASSETS / "demo-fashion"
 SOURCE = "fashion-mnist"
 PROMPTS = ("Sneaker", "Trouser", "Bag", "Dress")
-QUERY_TEST_IDS = (60000, 60001, 60002, 60010)  # Fashion-MNIST test images 0, 1, 2, 10
+N_QUERIES = 4
 
 
 @dataclasses.dataclass
@@ -73,7 +73,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Path]:
     db = Database.open(build_database(source, "db", encoder, out / "db"))
     nn_path = out / "db" / "neighbors-train.safetensors"
     if not nn_path.is_file():
-        compute_neighbors(db, source, "train", encoder, k=20, out=nn_path)
+        compute_neighbors(db, source, "train", encoder, k=min(20, len(db)), out=nn_path)
 
     # The model: shipped, or re-created from scratch.
     run_dir = SHIPPED_RUN
@@ -89,9 +89,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Path]:
     n = cfg.samples_per_prompt
     kw = dict(steps=cfg.sampler_steps, guidance_scale=cfg.guidance_scale)
     written = {}
+    queries = _query_ids(source)
+    prompts = PROMPTS if cfg.source.startswith("fashion-mnist") else _prompts(source, queries)
     for name, conds in {
-        "image": [pipe.image_context(source.load(i), n) for i in QUERY_TEST_IDS],
-        "text": [pipe.text_context(p, n) for p in PROMPTS],
+        "image": [pipe.image_context(source.load(int(i)), n) for i in queries],
+        "text": [pipe.text_context(p, n) for p in prompts],
         "unconditional": [pipe.pseudo_query_context(n * len(PROMPTS), top_m=0.01, seed=cfg.seed)],
     }.items():
         cond = _concat(conds)
@@ -121,6 +123,21 @@ def train_demo_model(cfg: DemoConfig, source, db, nn_path: Path) -> Path:
     resume = (run_dir / "config.json").is_file()
     train(run_cfg, run_dir, dataset, resume=resume)
     return run_dir
+
+
+def _query_ids(source) -> list[int]:
+    """Query images the model never saw: the test split, else the database half."""
+    ids = source.split_ids("test")
+    if len(ids) == 0:
+        ids = source.split_ids("db")
+    step = max(1, len(ids) // N_QUERIES)
+    return [int(i) for i in ids[::step][:N_QUERIES]]
+
+
+def _prompts(source, ids: list[int]) -> list[str]:
+    """Captions of the query images as prompts, for sources other than Fashion-MNIST."""
+    captions = [source.caption(i) for i in ids]
+    return [c for c in captions if c.strip()] or ["an image"]
 
 
 def _concat(conds):
