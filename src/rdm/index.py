@@ -13,8 +13,9 @@ Which index, by size and memory budget (:func:`choose_index`):
   store is float16 (``SQfp16``), which is *exact* re-ranking for our databases because their
   embeddings are stored as float16 to begin with; under tighter budgets 8-bit (``SQ8``), then none.
 
-Approximate indexes get their search knob (``efSearch`` / ``nprobe``) tuned after the build until
-a sample of queries reaches :data:`TARGET_RECALL` against exact search (:func:`tune_index`).
+Approximate indexes get their search knobs (``efSearch``; ``nprobe`` and ``k_factor``) tuned after
+the build until sampled queries reach :data:`TARGET_RECALL` against exact search
+(:func:`tune_index`).
 """
 
 from __future__ import annotations
@@ -222,12 +223,11 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
 
 @dataclass
 class GroundTruth:
-    """Exact answers for recall queries: the k-th exact score per query and the answer count."""
+    """Exact answers for recall queries, up to some k."""
 
     queries: np.ndarray  # (B, d) float32
     self_rows: np.ndarray | None  # (B,) rows of sampled queries, None for held-out queries
-    kth: np.ndarray  # (B,) float32, the lowest exact top-k score
-    width: int  # exact answers per query: k, or fewer in a tiny database
+    D: np.ndarray  # (B, width) float32 exact scores, best first; width = k, or less if n is tiny
 
 
 def ground_truth(
@@ -239,20 +239,22 @@ def ground_truth(
     n = xb.shape[0]
     if xq is not None:
         queries = _f32(xq[:n_queries])
-        D, _ = exact_search(xb, queries, min(k, n))
-        return GroundTruth(queries, None, D[:, -1], D.shape[1])
+        return GroundTruth(queries, None, exact_search(xb, queries, min(k, n))[0])
     rows = np.sort(np.random.default_rng(seed).choice(n, min(n_queries, n), replace=False))
     queries = _f32(xb[rows])
     width = min(k, n - 1)
     D, I = exact_search(xb, queries, width + 1)
     # drop the query's own row (or, if an exact duplicate outranked it, the last answer)
     D = np.stack([d[i != r][:width] for d, i, r in zip(D, I, rows, strict=True)])
-    return GroundTruth(queries, rows, D[:, -1] if width else np.full(len(rows), np.inf), width)
+    return GroundTruth(queries, rows, D)
 
 
 def recall_at_k(index, xb: np.ndarray, k: int, truth: GroundTruth) -> float:
     """Fraction of exact top-k answers the index finds. Ties are tolerated: an answer counts when
     its exact score reaches the k-th exact score (minus 1e-5)."""
+    k = min(k, truth.D.shape[1])
+    if k < 1:
+        return 1.0
     extra = 0 if truth.self_rows is None else 1
     _, I = search(index, truth.queries, min(k + extra, xb.shape[0]))
     hits = 0
@@ -263,8 +265,8 @@ def recall_at_k(index, xb: np.ndarray, k: int, truth: GroundTruth) -> float:
         rows = np.unique(rows[:k])
         if len(rows):
             scores = _f32(xb[rows]) @ truth.queries[q]
-            hits += int(np.sum(scores >= truth.kth[q] - 1e-5))
-    return hits / max(truth.width * len(truth.queries), 1)
+            hits += int(np.sum(scores >= truth.D[q, k - 1] - 1e-5))
+    return hits / (k * len(truth.queries))
 
 
 def measure_recall(
@@ -283,41 +285,49 @@ def tune_index(
     index,
     spec: IndexSpec,
     xb: np.ndarray,
-    k: int,
+    ks: tuple[int, ...] = (4, 20),
     target: float = TARGET_RECALL,
     n_queries: int = 1000,
     seed: int = 0,
-) -> tuple[IndexSpec, float]:
-    """Raise the search knobs of an approximate index until recall@k on sampled queries reaches
-    ``target``: HNSW doubles efSearch (16 … 1024); IVF-PQ doubles nprobe (1 … nlist) until recall
-    stops growing, then the re-ranking depth k_factor (… 64). Returns the tuned spec (also
-    applied to ``index``) and its measured recall."""
+) -> tuple[IndexSpec, dict[int, float]]:
+    """Raise the search knobs of an approximate index until recall@k reaches ``target`` for every
+    k in ``ks``, on ``n_queries`` database rows sampled with ``seed``.
+
+    HNSW doubles efSearch (16 … 1024). IVF-PQ starts at nprobe 1 and k_factor 2 and, greedily,
+    doubles whichever of the two raises recall more (small k needs deeper re-ranking, recall
+    across cells needs more probes), until the target is met, neither helps, or both are at their
+    limits (nlist, 64). Returns the tuned spec (applied to ``index``) and its recall per k."""
     if spec.type == "flat":
-        return spec, 1.0
-    truth = ground_truth(xb, k, n_queries, seed)
-    if spec.type == "hnsw":
-        steps = [("efSearch", 16, 1024)]
-    else:
-        refine = spec.params["refine"] != "none"
-        steps = [("nprobe", 1, spec.params["nlist"])] + [
-            ("k_factor", 2 * spec.params["k_factor"], 64)
-        ] * refine
-    best, best_recall = spec, -1.0
-    for knob, value, limit in steps:
-        while True:
-            tuned = IndexSpec(spec.type, {**best.params, knob: value})
-            set_search_params(index, tuned)
-            recall = recall_at_k(index, xb, k, truth)
-            plateau = recall < best_recall + 0.002
-            if not plateau or value == 1 or knob == "efSearch":
-                best, best_recall = tuned, recall
-            if recall >= target:
-                return best, best_recall
-            if value >= limit or (plateau and knob == "nprobe"):
-                break
-            value = min(2 * value, limit)
-    set_search_params(index, best)
-    return best, best_recall
+        return spec, {k: 1.0 for k in ks}
+    truth = ground_truth(xb, max(ks), n_queries, seed)
+
+    def recalls(params: dict) -> dict[int, float]:
+        set_search_params(index, IndexSpec(spec.type, params))
+        return {k: recall_at_k(index, xb, k, truth) for k in ks}
+
+    limits = (
+        {"efSearch": (16, 1024)} if spec.type == "hnsw" else {"nprobe": (1, spec.params["nlist"])}
+    )
+    if spec.type == "ivfpq" and spec.params["refine"] != "none":
+        limits["k_factor"] = (2, 64)
+    params = {**spec.params, **{knob: low for knob, (low, _) in limits.items()}}
+    current = recalls(params)
+    while min(current.values()) < target:
+        trials = [
+            {**params, knob: min(2 * params[knob], high)}
+            for knob, (_, high) in limits.items()
+            if params[knob] < high
+        ]
+        if not trials:
+            break
+        scored = [(recalls(p), p) for p in trials]
+        best, best_params = max(scored, key=lambda t: min(t[0].values()))
+        if min(best.values()) < min(current.values()) + 1e-3 and spec.type == "ivfpq":
+            break  # neither knob helps any more: PQ codes or the budget are the limit
+        current, params = best, best_params
+    tuned = IndexSpec(spec.type, params)
+    set_search_params(index, tuned)
+    return tuned, current
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -337,9 +347,9 @@ def _ivf_of(index):
 
 
 def _training_sample(xb: np.ndarray, nlist: int, seed: int) -> np.ndarray:
-    """Rows to train the coarse quantizer and PQ on: 64 per cell (≥ 39 avoids FAISS's warning),
-    at least 10k, sampled without replacement."""
+    """Rows to train the coarse quantizer and PQ on: 40 per cell (FAISS wants ≥ 39), at least
+    10k, sampled without replacement."""
     n = xb.shape[0]
-    size = min(n, max(64 * nlist, 10_000))
+    size = min(n, max(40 * nlist, 10_000))
     rows = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
     return _f32(xb[rows])
