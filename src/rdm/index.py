@@ -130,6 +130,9 @@ def build_index(xb: np.ndarray, spec: IndexSpec, *, seed: int = 0):
     if spec.type == "ivfpq":
         ivf = _ivf_of(index)
         ivf.do_polysemous_training = False  # Hamming filtering is unused and costs minutes
+        # PQ k-means on 64 points per centroid for 10 iterations: 2.5x faster to train than
+        # FAISS's defaults (256, 25) at the same recall (measured at 300k x 512, see bench/)
+        ivf.pq.cp.niter, ivf.pq.cp.max_points_per_centroid = 10, 64
         ivf.cp.seed = ivf.pq.cp.seed = seed
         index.train(_training_sample(xb, ivf.nlist, seed))
     for start in range(0, n, CHUNK):
