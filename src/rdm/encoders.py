@@ -313,12 +313,16 @@ def _check_pixels(pixels: np.ndarray) -> np.ndarray:
 
 
 def preprocess(pixels: torch.Tensor, cfg: dict) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, S, S): resize, crop/pad and normalise like open_clip.
+    """uint8 (B, H, W, 3) -> float32 (B, 3, S, S): resize, crop/pad and normalise like open_clip."""
+    return normalize(resize_crop(pixels, cfg), cfg)
+
+
+def resize_crop(pixels: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, S, S) in [0, 1], resized and center-cropped/padded.
 
     Follows open_clip's eval transform (``image_transform(is_train=False)``) for the three resize
     modes, but batched in torch; bicubic with antialias, clamped to [0, 1] like PIL's uint8 output.
     """
-    import torch
     import torch.nn.functional as F
 
     out_h, out_w = _pair(cfg["size"])
@@ -341,7 +345,13 @@ def preprocess(pixels: torch.Tensor, cfg: dict) -> torch.Tensor:
         interp = cfg.get("interpolation", "bicubic")
         x = F.interpolate(x, size=(new_h, new_w), mode=interp, antialias=interp != "nearest")
         x = x.clamp_(0.0, 1.0)
-    x = _center_crop_or_pad(x, out_h, out_w, fill=cfg.get("fill_color", 0) / 255.0)
+    return _center_crop_or_pad(x, out_h, out_w, fill=cfg.get("fill_color", 0) / 255.0)
+
+
+def normalize(x: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """(B, 3, S, S) in [0, 1] -> standardised with the model's per-channel mean and std."""
+    import torch
+
     mean = torch.tensor(cfg["mean"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -447,14 +457,23 @@ def save_local_dir(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
     state = {k: _storage_tensor(v) for k, v in model.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS_NAME))
     config = {"arch": arch, "model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     for name, obj in (extra_files or {}).items():
         (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+    for file in tmp.iterdir():
+        file.chmod(0o666 & ~_umask())
     _swap_in(tmp, out)
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _storage_tensor(t):
