@@ -95,6 +95,15 @@ def test_grayscale_array_and_empty_inputs(enc):
     assert enc.encode_texts([]).shape == (0, 32)
 
 
+def test_tiny_models_run_in_fp32_and_bf16_autocast_agrees(tiny, enc):
+    assert enc.autocast is False  # a tiny image tower: exact fp32 by default
+    fast = load_encoder(str(tiny["dir"]), autocast=True)
+    pixels = random_pixels(8)
+    z, z_bf16 = enc.encode_images(pixels), fast.encode_images(pixels)
+    np.testing.assert_allclose(np.linalg.norm(z_bf16, axis=1), 1.0, atol=1e-5)
+    assert (z * z_bf16).sum(axis=1).min() > 0.99
+
+
 def test_text_embeddings(enc):
     z = enc.encode_texts(["a red shoe", "a blue bag", "a red shoe"])
     assert z.shape == (3, 32) and z.dtype == np.float32

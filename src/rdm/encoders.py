@@ -45,8 +45,10 @@ WEIGHTS_NAME = "open_clip_model.safetensors"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 # rows per forward pass; bounds memory, not results (each row is encoded independently)
 BATCH_SIZE = 256
-# below this many parameters fp32 is as fast as bf16 autocast on CPU, and exact
-AUTOCAST_MIN_PARAMS = 20_000_000
+# image towers at least this big run under bf16 autocast where bf16 is native (AMX / AVX-512-bf16
+# CPUs, CUDA): 3.6x faster for the default encoder, 1.45x for ViT-B-32, cosine >= 0.9999 to fp32;
+# smaller (test) models stay in exact, batch-independent fp32
+AUTOCAST_MIN_VISION_PARAMS = 1_000_000
 
 
 class EncoderSpecError(RdmError, ValueError):
@@ -170,8 +172,9 @@ def load_encoder(
 ) -> Encoder:
     """Load a frozen encoder from ``spec`` (see module docstring) onto ``device``.
 
-    ``autocast`` runs the towers under bf16 autocast; ``None`` picks it for models of at least
-    ``AUTOCAST_MIN_PARAMS`` parameters (outputs stay float32 and unit norm either way).
+    ``autocast`` runs the towers under bf16 autocast; ``None`` picks it where bf16 is native and
+    the image tower has at least ``AUTOCAST_MIN_VISION_PARAMS`` parameters. Outputs are float32
+    and unit norm either way; under bf16 a row may change by ~1e-3 with the batch it is in.
     """
     parsed = parse_spec(spec)
     model = _create_model(parsed)
@@ -215,8 +218,7 @@ class OpenClipEncoder(Encoder):
 
         self.model = model
         self.device = device
-        n_params = sum(p.numel() for p in model.parameters())
-        self.autocast = n_params >= AUTOCAST_MIN_PARAMS if autocast is None else autocast
+        self.autocast = _default_autocast(model, device) if autocast is None else autocast
         self.preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
         self.tokenizer = open_clip.get_tokenizer(
             f"local-dir:{parsed.local_dir}" if parsed.local_dir else parsed.arch
@@ -263,6 +265,18 @@ class OpenClipEncoder(Encoder):
 
         device_type = torch.device(self.device).type
         return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.autocast)
+
+
+def _default_autocast(model, device: str) -> bool:
+    import torch
+
+    if sum(p.numel() for p in model.visual.parameters()) < AUTOCAST_MIN_VISION_PARAMS:
+        return False
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # private probes, absent from some builds: then assume bf16 is emulated (slow)
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def _unit_rows(z: torch.Tensor) -> np.ndarray:
