@@ -241,12 +241,11 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Train ``cfg.model`` on ``dataset`` items (image, context, index) into ``run_dir``."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     tc = cfg.train
     run_dir = Path(run_dir)
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision)
+    accelerator = _accelerator(tc.mixed_precision)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
 
@@ -365,6 +364,21 @@ def train(
 
 
 # --- helpers of the loop ------------------------------------------------------------------------
+
+
+def _accelerator(mixed_precision: str):
+    """An Accelerator; in a single process, a later run may use another precision than the first."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    shared = AcceleratorState._shared_state
+    if (
+        shared
+        and shared.get("_mixed_precision") != mixed_precision
+        and PartialState().num_processes == 1
+    ):
+        AcceleratorState._reset_state()  # accelerate keeps one global state per process
+    return Accelerator(mixed_precision=mixed_precision)
 
 
 def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
