@@ -3,7 +3,8 @@
 1. Training: images/s of the full loop (``rdm.train.train``: data loading, guidance dropout,
    EMA, logging, a checkpoint at the end) against the bare UNet forward + backward + AdamW step on
    one fixed batch, in bf16 autocast and in fp32. Reports the loop's overhead and the bf16 speed-up.
-2. Sampling: images/s of DDIM-100, DDIM-50 and DPM-Solver++-20, with guidance (s = 2, one batched
+2. Threads: the bare bf16 step with 1 torch thread and with torch's default.
+3. Sampling: images/s of DDIM-100, DDIM-50 and DPM-Solver++-20, with guidance (s = 2, one batched
    forward of 2B) and without (s = 1).
 
 Repetitions are interleaved (bare, loop, bare, loop, ...) and the median is reported, so load from
@@ -146,10 +147,23 @@ def main() -> None:
         print(f"  {label:38s} {bare:9.1f}   {loop:9.1f}   {100 * (1 - loop / bare):+12.1f}%")
     print(f"  bf16 / fp32 speed-up: bare {med[('bare', True)] / med[('bare', False)]:.2f}x, "
           f"loop {med[('loop', True)] / med[('loop', False)]:.2f}x")  # fmt: skip
+
+    # 2. Threads: on a CPU shared with other jobs, fewer OpenMP threads can be faster.
+    default_threads = torch.get_num_threads()
+    if default_threads > 1:
+        by_threads: dict[int, list[float]] = {}
+        for _ in range(args.repeats):
+            for n in (1, default_threads):
+                torch.set_num_threads(n)
+                by_threads.setdefault(n, []).append(bare_steps(cfg, batch, args.steps, True))
+        torch.set_num_threads(default_threads)
+        one, many = (statistics.median(by_threads[n]) for n in (1, default_threads))
+        print(f"  bare bf16 step with 1 thread: {one:.1f} images/s, with {default_threads}: "
+              f"{many:.1f} images/s ({many / one:.2f}x)")  # fmt: skip
     if args.skip_sampling:
         return
 
-    # 2. Sampling throughput, bf16 autocast, the EMA-sized model (random weights: same cost).
+    # 3. Sampling throughput, bf16 autocast, the EMA-sized model (random weights: same cost).
     torch.manual_seed(0)
     model = RetrievalUNet(cfg.model).eval()
     print(f"\nsampling images/s ({args.sample_images} images per call, bf16 autocast)")

@@ -98,6 +98,14 @@ def test_killed_and_resumed_run_equals_unbroken_run(tmp_path, monkeypatch):
     assert (tmp_path / "b/loss.png").stat().st_size > 0
 
 
+def test_bf16_autocast_trains(tmp_path):
+    cfg = tiny_cfg(steps=2, checkpoint_every=2)
+    cfg.train.mixed_precision = "bf16"
+    result = train(cfg, tmp_path, tiny_dataset(), progress=False)
+    assert result.step == 2 and 0.1 < result.loss < 10
+    assert weights(tmp_path / "model.safetensors")["null"].dtype == torch.float32  # fp32 master
+
+
 def test_checkpoint_contents_and_keep_last(tmp_path):
     cfg = tiny_cfg(steps=4, checkpoint_every=1)
     train(cfg, tmp_path, tiny_dataset(), progress=False)

@@ -222,7 +222,7 @@ def ema_decay_at(step: int, decay: float) -> float:
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """θ_ema ← decay · θ_ema + (1 − decay) · θ; buffers are copied."""
-    ema_p = [p for p in ema.parameters()]
+    ema_p = list(ema.parameters())
     model_p = [p.detach() for p in model.parameters()]
     torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
@@ -254,7 +254,10 @@ def train(
         _prepare_run_dir(run_dir, cfg, resume)
     accelerator.wait_for_everyone()
     checkpoint = latest_checkpoint(run_dir) if resume else None
+
+    # Load data (the loader starts where the run resumes, below).
     _check_dataset(dataset, cfg)
+    vae = load_vae(cfg.model, device)
 
     # Build model (its initialisation is a function of the seed, too).
     with torch.random.fork_rng(devices=[]):
@@ -265,12 +268,16 @@ def train(
         model.parameters(), lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay
     )
     scheduler = make_scheduler(cfg.diffusion)
-    vae = load_vae(cfg.model, device)
 
-    # Resume.
-    start = 0
+    # Resume: weights, optimizer and RNG states, and the data stream at the checkpoint's step.
+    start, loss_value = 0, float("nan")
     if checkpoint is not None:
-        start = int(load_checkpoint(checkpoint, model, ema, optimizer)["step"])
+        state = load_checkpoint(checkpoint, model, ema, optimizer)
+        start, loss_value = int(state["step"]), float(state.get("loss", "nan"))
+        if start > tc.steps:
+            raise RdmError(f"{checkpoint} is already past --steps {tc.steps}; ask for more steps")
+    batches = StepBatches(len(dataset), tc.batch_size, tc.seed, start + 1, tc.steps, rank, world)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=tc.num_workers)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(device)
     if main:
@@ -281,13 +288,9 @@ def train(
             f"{len(dataset)} training images, {world} process(es) on {device}"
         )
 
-    # Load data.
-    batches = StepBatches(len(dataset), tc.batch_size, tc.seed, start + 1, tc.steps, rank, world)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=tc.num_workers)
-
     bar = tqdm(total=tc.steps, initial=start, disable=not (progress and main), unit="step")
     rows: list[tuple[int, float, float]] = []
-    step, loss_value, t_first, images = start, float("nan"), None, 0
+    step, t_first, images = start, None, 0
     for images_batch, context, _ in loader:
         step += 1
 

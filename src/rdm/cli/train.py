@@ -47,6 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--sample-every", type=int, help="sample grid every N steps (0: never)")
     train.add_argument("--log-every", type=int)
     train.add_argument("--num-workers", type=int, help="DataLoader worker processes")
+    train.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's choice; 1 can be several times faster on a "
+        "CPU shared with other jobs, see docs/training.md)",
+    )
     p.set_defaults(func=run)
 
 
@@ -63,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
     from rdm.model import vae_settings
     from rdm.neighbors import load_neighbors
     from rdm.train import RetrievalDataset, train
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     # Start from the run's own config on --resume, else from the preset.
     saved = args.out / "config.json"
