@@ -224,3 +224,24 @@ def test_pretrained_tag_offline_asks_for_a_local_checkpoint():
         EncoderSpecError, match="not available offline.*ViT-B-32:/path/to/checkpoint"
     ):
         load_encoder("ViT-B-32:openai")
+
+
+def test_default_encoder_is_the_trained_small_clip():
+    if not (encoders.DEFAULT_DIR / encoders.CONFIG_NAME).is_file():
+        pytest.skip("the default encoder is not installed")
+    enc = load_encoder("default")
+    ident = enc.identity
+    assert ident["spec"] == "default" and ident["arch"] == "rdm-clip-small"
+    assert ident["dim"] == 256 and ident["image_size"] == 32
+    try:
+        from rdm.data import open_source
+
+        fashion = open_source("fashion-mnist")
+    except RdmError:
+        pytest.skip("Fashion-MNIST is not installed")
+    # 500 test images: each class name's 4 nearest images are mostly of that class (trained weights)
+    from rdm.encoder_train import text_retrieval_precision
+
+    ids = fashion.split_ids("test")[:500]
+    test_set = (enc.encode_images(fashion.pixels(ids)), fashion.labels[ids])
+    assert text_retrieval_precision(enc, k=4, test_set=test_set) >= 0.7

@@ -167,6 +167,7 @@ def _source_pixels(
 ) -> tuple[np.ndarray, list[str]]:
     """(n, 3, S, S) uint8 and n captions of the usable items among ``ids``."""
     import torch
+    from tqdm import tqdm
 
     from rdm.data.fashion_mnist import FashionMNIST
 
@@ -176,7 +177,7 @@ def _source_pixels(
         captions = [source.CLASSES[label] for label in source.labels[ids]]
     else:
         arrays, captions = [], []
-        for i in ids:
+        for i in tqdm(ids, desc=f"load {source.spec}", unit="image", leave=False):
             caption = source.caption(int(i)).strip()
             if not caption:
                 skipped["no caption"] = skipped.get("no caption", 0) + 1
@@ -189,7 +190,7 @@ def _source_pixels(
             arrays.append(np.array(image)[None])  # writable copy for torch
             captions.append(caption)
     chunks = []
-    for array in arrays:  # one array per image size (or one for all of Fashion-MNIST)
+    for array in arrays:  # one (1, H, W, 3) array per image, or one for all of Fashion-MNIST
         for start in range(0, len(array), 4096):
             x = resize_crop(torch.from_numpy(array[start : start + 4096]), cfg)  # (b, 3, S, S)
             chunks.append((x * 255).round().to(torch.uint8).numpy())
