@@ -155,3 +155,26 @@ def test_sources_without_captions_are_refused(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "data" / "a.png")
     with pytest.raises(TrainDataError, match="no captioned training images"):
         train_clip(tiny_config(tmp_path, tmp_path / "data"))
+
+
+def test_cli_trains_and_evaluates(tmp_path, capsys):
+    from rdm.cli import main
+
+    source = make_folder(tmp_path / "data")
+    flags = "--steps 2 --batch-size 8 --class-groups 2 --no-autocast --no-evaluate --embed-dim 16"
+    flags += " --image-size 16 --patch-size 8 --vision-width 32 --vision-layers 1 --text-width 32"
+    flags += " --text-layers 1 --context-length 8"
+    argv = [
+        "encoder",
+        "train",
+        "--out",
+        str(tmp_path / "enc"),
+        "--sources",
+        str(source),
+        *flags.split(),
+    ]
+    assert main(argv) == 0
+    assert load_encoder(str(tmp_path / "enc")).dim == 16
+    assert "saved" in capsys.readouterr().out
+    assert main(["encoder", "eval", "NoSuchNet:x"]) == 2
+    assert "unknown open_clip architecture 'NoSuchNet'" in capsys.readouterr().err

@@ -17,7 +17,12 @@ HELP = {
     "batch_size": "distinct captions per contrastive batch",
     "class_groups": "images per class caption and step (G groups of one image per class)",
     "class_min_images": "captions shared by at least this many images count as classes",
+    "lr": "peak AdamW learning rate",
+    "warmup_steps": "linear warm-up steps before the cosine decay",
+    "weight_decay": "AdamW weight decay (not on gains, biases, temperature)",
+    "shift": "random translation augmentation in pixels at model resolution",
     "autocast": "bf16 autocast (fast on CPUs with AMX / AVX-512-bf16)",
+    "device": "torch device",
     "evaluate": "measure Fashion-MNIST test retrieval precision after training",
 }
 
