@@ -87,8 +87,14 @@ def bare_steps(cfg, batch, steps: int, bf16: bool) -> float:
 
 def loop_steps(cfg, dataset, steps: int, bf16: bool) -> float:
     """images/s of rdm.train.train over ``steps`` steps after its first (warm-up) step."""
-    tc = replace(cfg.train, steps=steps + 1, mixed_precision="bf16" if bf16 else "no",
-                 checkpoint_every=10**9, sample_every=0, log_every=1)  # fmt: skip
+    tc = replace(
+        cfg.train,
+        steps=steps + 1,
+        mixed_precision="bf16" if bf16 else "no",
+        checkpoint_every=10**9,
+        sample_every=0,
+        log_every=1,
+    )
     with tempfile.TemporaryDirectory() as run_dir:
         result = train(replace(cfg, train=tc), run_dir, dataset, progress=False)
     return result.images_per_s
@@ -102,8 +108,9 @@ def sampling(cfg, model, n: int, name: str, steps: int, scale: float, bf16: bool
     x_T, gens = initial_noise(range(n), shape)
     start = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        get_sampler(name)(guided(model, context, None, scale), x_T, cfg.diffusion, steps,
-                          eta=0.0, generators=gens)  # fmt: skip
+        get_sampler(name)(
+            guided(model, context, None, scale), x_T, cfg.diffusion, steps, eta=0.0, generators=gens
+        )
     return n / (time.perf_counter() - start)
 
 
@@ -145,8 +152,10 @@ def main() -> None:
         bare, loop = med[("bare", bf16)], med[("loop", bf16)]
         label = "bf16 autocast" if bf16 else "fp32"
         print(f"  {label:38s} {bare:9.1f}   {loop:9.1f}   {100 * (1 - loop / bare):+12.1f}%")
-    print(f"  bf16 / fp32 speed-up: bare {med[('bare', True)] / med[('bare', False)]:.2f}x, "
-          f"loop {med[('loop', True)] / med[('loop', False)]:.2f}x")  # fmt: skip
+    print(
+        f"  bf16 / fp32 speed-up: bare {med[('bare', True)] / med[('bare', False)]:.2f}x, "
+        f"loop {med[('loop', True)] / med[('loop', False)]:.2f}x"
+    )
 
     # 2. Threads: on a CPU shared with other jobs, fewer OpenMP threads can be faster.
     default_threads = torch.get_num_threads()
@@ -158,8 +167,10 @@ def main() -> None:
                 by_threads.setdefault(n, []).append(bare_steps(cfg, batch, args.steps, True))
         torch.set_num_threads(default_threads)
         one, many = (statistics.median(by_threads[n]) for n in (1, default_threads))
-        print(f"  bare bf16 step with 1 thread: {one:.1f} images/s, with {default_threads}: "
-              f"{many:.1f} images/s ({many / one:.2f}x)")  # fmt: skip
+        print(
+            f"  bare bf16 step with 1 thread: {one:.1f} images/s, with {default_threads}: "
+            f"{many:.1f} images/s ({many / one:.2f}x)"
+        )
     if args.skip_sampling:
         return
 

@@ -335,8 +335,9 @@ def retrieval_setup(tmp_path_factory):
     )
     from rdm.database import Database
 
-    nb = compute_neighbors(Database.open(db), source, "train", ProjectionEncoder(), k=6,
-                           progress=False)  # fmt: skip
+    nb = compute_neighbors(
+        Database.open(db), source, "train", ProjectionEncoder(), k=6, progress=False
+    )
     return {"data": str(root), "db": db, "other_db": other_db, "neighbors": nb}
 
 
@@ -368,8 +369,17 @@ def test_cli_trains_resumes_and_refuses_mismatches(retrieval_setup, tmp_path, ca
 
     assert "preset 'tiny', not 'small'" in error("--out", run, "--resume", "--preset", "small")
     assert "k=8" in error(*common, "--preset", "tiny", "--out", tmp_path / "r2", "--k", 8)
-    msg = error(*common[:2], "--db", s["other_db"], "--neighbors", s["neighbors"],
-                "--preset", "tiny", "--out", tmp_path / "r3")  # fmt: skip
+    msg = error(
+        *common[:2],
+        "--db",
+        s["other_db"],
+        "--neighbors",
+        s["neighbors"],
+        "--preset",
+        "tiny",
+        "--out",
+        tmp_path / "r3",
+    )
     assert "fingerprint" in msg and str(s["other_db"]) in msg
     (tmp_path / "file").write_text("")
     assert "cannot write" in error(*common, "--preset", "tiny", "--out", tmp_path / "file" / "r")

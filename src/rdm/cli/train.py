@@ -39,8 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--warmup", type=int, dest="warmup_steps", help="linear warm-up steps")
     train.add_argument("--ema-decay", type=float)
     train.add_argument("--p-uncond", type=float, help="guidance dropout of the neighbour set")
-    train.add_argument("--k-top-n", type=int, dest="k_random_from_top_n",
-                       help="draw the k neighbours at random from the top n stored")  # fmt: skip
+    train.add_argument(
+        "--k-top-n",
+        type=int,
+        dest="k_random_from_top_n",
+        help="draw the k neighbours at random from the top n stored",
+    )
     train.add_argument("--mixed-precision", choices=("bf16", "no"))
     train.add_argument("--seed", type=int)
     train.add_argument("--checkpoint-every", type=int)
@@ -57,9 +61,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 TRAIN_FLAGS = (
-    "steps", "batch_size", "lr", "warmup_steps", "ema_decay", "p_uncond", "k_random_from_top_n",
-    "mixed_precision", "seed", "checkpoint_every", "sample_every", "log_every", "num_workers",
-)  # fmt: skip
+    "steps",
+    "batch_size",
+    "lr",
+    "warmup_steps",
+    "ema_decay",
+    "p_uncond",
+    "k_random_from_top_n",
+    "mixed_precision",
+    "seed",
+    "checkpoint_every",
+    "sample_every",
+    "log_every",
+    "num_workers",
+)
 
 
 def run(args: argparse.Namespace) -> int:
