@@ -21,6 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="fashion-mnist", help="fashion-mnist[:DIR] (default)")
     p.add_argument("--train", action="store_true", help="re-create the model from scratch")
     p.add_argument("--preset", default="small", help="model preset for --train (default small)")
+    p.add_argument(
+        "--channels",
+        default="32,64,64",
+        help="--train: UNet channels per level (default 32,64,64; 'preset' keeps the preset's)",
+    )
+    p.add_argument("--threads", type=int, help="--train: torch CPU threads")
     p.add_argument("--steps", type=int, default=6000, help="training steps for --train")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -40,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
             source=args.data,
             train=args.train,
             preset=args.preset,
+            channels=None if args.channels == "preset" else _channels(args.channels),
+            threads=args.threads,
             steps=args.steps,
             batch_size=args.batch_size,
             seed=args.seed,
@@ -49,3 +57,12 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _channels(text: str) -> tuple[int, ...]:
+    from rdm.errors import RdmError
+
+    try:
+        return tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise RdmError(f"--channels {text!r}: give integers like 32,64,64") from None
