@@ -4,13 +4,15 @@ Trains a small unconditional model (the no-retrieval baseline: the sampler check
 database) on Fashion-MNIST for each noise schedule, then samples the same seeds with
 
 - DDIM-250, η = 0 (the reference: the probability-flow ODE solved with small steps),
-- DDIM-100 and DDIM-50, η = 0,
+- DDIM-100 and DDIM-50, η = 0, and DDIM-50 without clipping x_0 to [-1, 1],
 - DPM-Solver++(2M)-20 as rdm.sampling.dpm_solver_pp runs it (log-SNR-uniform steps),
 - DPM-Solver++(2M)-20 with diffusers' own "leading" and "linspace" spacings (the alternatives),
 
-and prints each one's RMSE to the reference (pixels in [0, 1]) and its high-frequency energy
-relative to the reference (mean |Laplacian|; salt-and-pepper noise shows as a ratio well above 1,
-over-smoothing as a ratio below 1). A grid per schedule is written to --out.
+and prints each one's RMSE to the reference (pixels in [0, 1]), its high-frequency energy relative
+to the reference (mean |Laplacian|; salt-and-pepper noise shows as a ratio well above 1,
+over-smoothing as a ratio below 1) and its colour (Fashion-MNIST is grey: saturated colour casts
+show as a large value). A grid per schedule is written to --out. Runs found in --out are continued
+to --steps (exact resume), so a longer check reuses a shorter one.
 
     python bench/sampler_check.py --steps 3000     # 16 px, batch 64
 """
@@ -75,7 +77,12 @@ def dpm_diffusers_spacing(spacing: str):
     def sampler(denoise, x_T, cfg, steps, **_):
         extra = {"steps_offset": 1} if spacing == "leading" else {}
         scheduler = DPMSolverMultistepScheduler(
-            **scheduler_config(cfg), algorithm_type="dpmsolver++", timestep_spacing=spacing, **extra
+            **scheduler_config(cfg),
+            algorithm_type="dpmsolver++",
+            timestep_spacing=spacing,
+            thresholding=cfg.clip_sample,
+            sample_max_value=1.0,
+            **extra,
         )
         scheduler.set_timesteps(steps)
         with torch.no_grad():
@@ -92,7 +99,7 @@ def gaussian_table(n: int = 256) -> None:
     print("Gaussian data, exact ε: max |x_0 − exact ODE solution| (std of x_0 in brackets)")
     for mu, sigma in ((0.3, 0.5), (0.1, 0.05)):
         for schedule in ("scaled_linear", "cosine"):
-            cfg = DiffusionConfig(schedule=schedule)
+            cfg = DiffusionConfig(schedule=schedule, clip_sample=False)
             ac = make_scheduler(cfg).alphas_cumprod.double()
 
             def eps(x, t, ac=ac, mu=mu, sigma=sigma):
@@ -120,6 +127,15 @@ def gaussian_table(n: int = 256) -> None:
             print(f"  μ={mu} σ={sigma} {schedule:13s} " + "   ".join(cells))
 
 
+def noclip(cfg):
+    return replace(cfg, clip_sample=False)
+
+
+def colour(x: torch.Tensor) -> float:
+    """Mean |pixel − its channel mean|: 0 for grey images (Fashion-MNIST is grey)."""
+    return (x - x.mean(1, keepdim=True)).abs().mean().item()
+
+
 def high_freq(x: torch.Tensor) -> float:
     """Mean |discrete Laplacian| of images in [0, 1]."""
     lap = (
@@ -140,7 +156,6 @@ def main() -> None:
     p.add_argument("--images", type=int, default=16, help="samples per sampler")
     p.add_argument("--schedules", nargs="+", default=["scaled_linear", "cosine"])
     p.add_argument("--out", type=Path, default=Path("results/sampler-check"))
-    p.add_argument("--resume", action="store_true", help="reuse finished / resume runs in --out")
     p.add_argument("--gaussian-only", action="store_true", help="only the known-answer table")
     args = p.parse_args()
 
@@ -153,6 +168,7 @@ def main() -> None:
         "DDIM-250 (reference)": lambda d, x, c, g: ddim(d, x, c, 250),
         "DDIM-100": lambda d, x, c, g: ddim(d, x, c, 100),
         "DDIM-50": lambda d, x, c, g: ddim(d, x, c, 50),
+        "DDIM-50 without clipping": lambda d, x, c, g: ddim(d, x, noclip(c), 50),
         "DPM++-20 log-SNR (rdm)": lambda d, x, c, g: dpm_solver_pp(d, x, c, 20),
         "DPM++-20 leading": lambda d, x, c, g: dpm_diffusers_spacing("leading")(d, x, c, 20),
         "DPM++-20 linspace": lambda d, x, c, g: dpm_diffusers_spacing("linspace")(d, x, c, 20),
@@ -160,10 +176,9 @@ def main() -> None:
     for schedule in args.schedules:
         run_dir = args.out / f"run-{schedule}"
         cfg = run_config(schedule, args.steps, args.batch_size, args.resolution)
-        if not (run_dir / "ema.safetensors").exists():
-            start = time.perf_counter()
-            train(cfg, run_dir, data, resume=args.resume or (run_dir / "config.json").exists())
-            print(f"trained {schedule} in {time.perf_counter() - start:.0f} s")
+        start = time.perf_counter()
+        train(cfg, run_dir, data, resume=(run_dir / "config.json").exists())  # or continue it
+        print(f"trained {schedule} to step {args.steps} in {time.perf_counter() - start:.0f} s")
         model, cfg = load_run(run_dir)
         denoise = guided(model, None)  # unconditional
         outputs = {}
@@ -173,10 +188,11 @@ def main() -> None:
                 outputs[name] = to_unit(fn(denoise, x_T, cfg.diffusion, gens))
         ref = outputs["DDIM-250 (reference)"]
         print(f"\nschedule {schedule} ({args.steps} training steps, {args.images} images)")
-        print(f"  {'sampler':26s} RMSE to reference   high-freq energy / reference")
+        print(f"  {'sampler':26s} RMSE to ref   high-freq / ref   colour (data: 0)")
         for name, x in outputs.items():
             rmse = (x - ref).square().mean().sqrt().item()
-            print(f"  {name:26s} {rmse:17.4f}   {high_freq(x) / high_freq(ref):10.2f}")
+            hf = high_freq(x) / high_freq(ref)
+            print(f"  {name:26s} {rmse:11.4f}   {hf:15.2f}   {colour(x):16.3f}")
         rows = [
             np.concatenate(
                 [(img.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for img in x[:8]], 1

@@ -121,6 +121,9 @@ def test_config_json_round_trip_and_unknown_keys(tmp_path):
         preset("huge")
     with pytest.raises(ConfigError, match="divisible by head_dim"):
         replace(preset("tiny").model, block_out_channels=(8, 18))
+    latent = replace(preset("tiny").model, latent=True, vae_path="vae", in_channels=4)
+    with pytest.raises(ConfigError, match="clip_sample.*false for a latent model"):
+        replace(preset("tiny"), model=latent)
 
 
 def test_latent_model_with_saved_autoencoder(tmp_path):

@@ -51,7 +51,7 @@ def exact_ode_solution(x_start, t_start, ac):
 
 @pytest.mark.parametrize("schedule", ["scaled_linear", "cosine"])
 def test_deterministic_samplers_solve_the_gaussian_ode(schedule):
-    cfg = DiffusionConfig(schedule=schedule)
+    cfg = DiffusionConfig(schedule=schedule, clip_sample=False)  # the data is not in [-1, 1]
     denoise, ac = gaussian_eps(cfg)
     x_T, _ = initial_noise(range(64), (1, 4, 4))
 
@@ -67,12 +67,23 @@ def test_deterministic_samplers_solve_the_gaussian_ode(schedule):
 
 
 def test_ddim_eta_one_samples_the_gaussian():
-    cfg = DiffusionConfig()
+    cfg = DiffusionConfig(clip_sample=False)
     denoise, _ = gaussian_eps(cfg)
     x_T, gens = initial_noise(range(256), (1, 4, 4))
     x0 = ddim(denoise, x_T, cfg, 1000, eta=1.0, generators=gens)  # ancestral = DDPM
     assert x0.mean().item() == pytest.approx(MU, abs=0.02)
     assert x0.std().item() == pytest.approx(SIGMA, abs=0.02)
+
+
+def test_pixel_space_samplers_clip_x0():
+    # a denoiser whose x_0 estimates are far outside the pixel range
+    def wild(x, t):
+        return -5 * x
+
+    x_T, _ = initial_noise(range(4), (3, 4, 4))
+    clipped = ddim(wild, x_T, DiffusionConfig(), 10)
+    assert clipped.abs().max() <= 1.0 + 1e-6
+    assert ddim(wild, x_T, DiffusionConfig(clip_sample=False), 10).abs().max() > 10
 
 
 def test_log_snr_timesteps():

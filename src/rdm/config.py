@@ -114,6 +114,10 @@ class DiffusionConfig:
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     prediction_type: str = "epsilon"
+    # Clip the predicted x_0 to [-1, 1] at every sampling step (pixel space only: latents are not
+    # in [-1, 1]). Short-trained pixel models predict ε poorly at high t, where x_0 = (x_t −
+    # √(1−ᾱ) ε) / √ᾱ amplifies the error ~100x; without clipping their samples saturate.
+    clip_sample: bool = True
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -200,6 +204,13 @@ class RunConfig:
     db_fingerprint: str = ""
     encoder: dict = field(default_factory=dict)  # encoder identity (see rdm.encoders)
     neighbors_meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.model.latent and self.diffusion.clip_sample:
+            raise ConfigError(
+                "diffusion.clip_sample clips to the pixel range [-1, 1], which latents do not "
+                "have; set it to false for a latent model (rdm train --vae does)"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -79,12 +79,12 @@ def ddim(
     from diffusers import DDIMScheduler
 
     # "leading" + offset 1 gives LDM's timesteps 1, 1 + T/steps, ... (offset 0 when steps = T,
-    # where 1 … T would overrun); no clipping (latents are not in [-1, 1]); the last step lands
-    # on ᾱ = 1, i.e. a clean x_0.
+    # where 1 … T would overrun); x_0 clipped to [-1, 1] in pixel space; the last step lands on
+    # ᾱ = 1, i.e. a clean x_0.
     T = _check_steps(steps, diffusion_cfg)
     scheduler = DDIMScheduler(
         **scheduler_config(diffusion_cfg),
-        clip_sample=False,
+        clip_sample=diffusion_cfg.clip_sample,
         set_alpha_to_one=True,
         steps_offset=1 if T // steps > 1 else 0,
         timestep_spacing="leading",
@@ -123,6 +123,8 @@ def dpm_solver_pp(
         **scheduler_config(diffusion_cfg),
         algorithm_type="dpmsolver++" if eta == 0.0 else "sde-dpmsolver++",
         solver_order=2,
+        thresholding=diffusion_cfg.clip_sample,  # with sample_max_value 1: clip x_0 to [-1, 1]
+        sample_max_value=1.0,
     )
     timesteps = log_snr_timesteps(scheduler.alphas_cumprod, steps)
     with warnings.catch_warnings():  # diffusers calls np.array on a tensor (numpy 2 notice)

@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = replace(
         cfg,
         model=replace(cfg.model, context_dim=db.dim, **model_changes),
+        diffusion=replace(cfg.diffusion, clip_sample=cfg.diffusion.clip_sample and not args.vae),
         train=replace(cfg.train, **train_changes),
         data=data,
     )
