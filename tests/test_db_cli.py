@@ -33,19 +33,24 @@ def tiny_encoder_dir(path, seed: int):
     return save_local_dir(model, TINY_CFG, PREPROCESS, path, arch="rdm-test-tiny")
 
 
+def colour_squares(folder, n: int, size: int):
+    """``n`` noisy squares cycling through COLOURS, each with a caption sidecar 'a red square'."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        name = list(COLOURS)[i % 4]
+        pixels = np.clip(np.array(COLOURS[name]) + rng.normal(0, 25, (size, size, 3)), 0, 255)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(f"a {name} square")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A folder of 24 noisy colour squares with sidecar captions (one broken file), two encoders,
     and a database built from it through the CLI."""
     root = tmp_path_factory.mktemp("cli")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        name = list(COLOURS)[i % 4]
-        pixels = np.clip(np.array(COLOURS[name]) + rng.normal(0, 25, (20, 20, 3)), 0, 255)
-        Image.fromarray(pixels.astype(np.uint8)).save(images / f"{i:02d}.png")
-        (images / f"{i:02d}.txt").write_text(f"a {name} square")
+    images = colour_squares(root / "images", 24, size=20)
     (images / "99-broken.png").write_text("not an image")
     enc = tiny_encoder_dir(root / "enc", seed=0)
     other = tiny_encoder_dir(root / "other", seed=1)

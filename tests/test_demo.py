@@ -3,23 +3,15 @@ database, neighbours, a resumable training run and the three grids."""
 
 from __future__ import annotations
 
-import numpy as np
 from PIL import Image
-from test_db_cli import COLOURS, tiny_encoder_dir
+from test_db_cli import colour_squares, tiny_encoder_dir
 
 from rdm.checkpoint import list_checkpoints
 from rdm.cli import main
 
 
 def test_demo_train_builds_everything_and_writes_three_grids(tmp_path, capsys):
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        name = list(COLOURS)[i % 4]
-        pixels = np.clip(np.array(COLOURS[name]) + rng.normal(0, 25, (12, 12, 3)), 0, 255)
-        Image.fromarray(pixels.astype(np.uint8)).save(images / f"{i:02d}.png")
-        (images / f"{i:02d}.txt").write_text(f"a {name} square")
+    images = colour_squares(tmp_path / "images", 24, size=12)
     enc = tiny_encoder_dir(tmp_path / "enc", seed=0)
     out = tmp_path / "demo"
     args = [

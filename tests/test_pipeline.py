@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_db_cli import COLOURS, tiny_encoder_dir
+from test_db_cli import colour_squares, tiny_encoder_dir
 
 from rdm.cli import main
 from rdm.config import preset
@@ -26,14 +26,7 @@ from rdm.train import RetrievalDataset, train
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        name = list(COLOURS)[i % 4]
-        pixels = np.clip(np.array(COLOURS[name]) + rng.normal(0, 25, (12, 12, 3)), 0, 255)
-        Image.fromarray(pixels.astype(np.uint8)).save(images / f"{i:02d}.png")
-        (images / f"{i:02d}.txt").write_text(f"a {name} square")
+    images = colour_squares(root / "images", 40, size=12)
     enc_dir = tiny_encoder_dir(root / "enc", seed=0)
     encoder = load_encoder(str(enc_dir))
     source = open_source(str(images))

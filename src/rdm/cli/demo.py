@@ -23,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="small", help="model preset for --train (default small)")
     p.add_argument(
         "--channels",
-        default="32,64,64",
-        help="--train: UNet channels per level (default 32,64,64; 'preset' keeps the preset's)",
+        help="--train: UNet channels per level (default: 32,64,64 for the small preset, "
+        "else the preset's own)",
     )
     p.add_argument("--threads", type=int, help="--train: torch CPU threads")
     p.add_argument("--steps", type=int, default=6000, help="training steps for --train")
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             source=args.data,
             train=args.train,
             preset=args.preset,
-            channels=None if args.channels == "preset" else _channels(args.channels),
+            channels=_channels(args.channels) if args.channels else None,
             threads=args.threads,
             steps=args.steps,
             batch_size=args.batch_size,
