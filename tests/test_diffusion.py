@@ -10,15 +10,6 @@ from rdm.diffusion import diffusion_loss, make_scheduler
 from rdm.model import RetrievalUNet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: 2 OpenMP threads on 2 shared cores are up to 100x slower than 1."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Recorder(torch.nn.Module):
     """A fake ε-model that remembers its inputs and predicts zeros."""
 

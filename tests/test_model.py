@@ -20,15 +20,6 @@ from rdm.model import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: 2 OpenMP threads on 2 shared cores are up to 100x slower than 1."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model(**changes) -> RetrievalUNet:
     torch.manual_seed(0)
     return RetrievalUNet(replace(preset("tiny").model, **changes))

@@ -22,15 +22,6 @@ from rdm.sampling import (
 MU, SIGMA = 0.3, 0.5  # data distribution N(μ, σ² I)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: 2 OpenMP threads on 2 shared cores are up to 100x slower than 1."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gaussian_eps(cfg: DiffusionConfig):
     """The exact ε(x_t, t) = E[ε | x_t] for Gaussian data: √(1−ᾱ)(x − √ᾱ μ) / (ᾱσ² + 1 − ᾱ)."""
     ac = make_scheduler(cfg).alphas_cumprod.double()

@@ -27,15 +27,6 @@ from rdm.train import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: 2 OpenMP threads on 2 shared cores are up to 100x slower than 1."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cfg(steps=6, checkpoint_every=3):
     cfg = preset("tiny")
     cfg.train = replace(cfg.train, steps=steps, checkpoint_every=checkpoint_every, keep_last=2)
