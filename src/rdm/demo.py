@@ -124,22 +124,17 @@ def train_demo_model(cfg: DemoConfig, source, db, nn_path: Path) -> Path:
     import torch
 
     from rdm.neighbors import load_neighbors
-    from rdm.train import RetrievalDataset, train
+    from rdm.train import retrieval_dataset, train
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_cfg = demo_train_config(
         cfg.preset, db.dim, cfg.steps, cfg.batch_size, cfg.seed, cfg.channels
     )
-    neighbors = load_neighbors(nn_path)
-    dataset = RetrievalDataset(
-        source, "train", db, neighbors, k=run_cfg.model.k, resolution=run_cfg.model.resolution
-    )
-    for key, value in dataset.provenance().items():
-        setattr(run_cfg, key, value)
     run_cfg.data = dataclasses.replace(
         run_cfg.data, source=source.spec, split="train", db=str(db.root), neighbors=str(nn_path)
     )
+    dataset, run_cfg = retrieval_dataset(run_cfg, source, db, load_neighbors(nn_path))
     run_dir = Path(cfg.out) / "run"
     resume = (run_dir / "config.json").is_file()
     train(run_cfg, run_dir, dataset, resume=resume)

@@ -14,7 +14,7 @@ import csv
 import math
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +134,22 @@ class InMemoryDataset(Dataset):
     def __getitem__(self, key):
         index = key[0] if isinstance(key, tuple) else key
         return self.images[index], self.contexts[index], index
+
+
+def retrieval_dataset(cfg: RunConfig, source, db, neighbors) -> tuple[RetrievalDataset, RunConfig]:
+    """The training set ``cfg`` asks for (``cfg.data.split`` of ``source`` with its stored
+    neighbours in ``db``), and ``cfg`` with the provenance that ties the run to them."""
+    dataset = RetrievalDataset(
+        source,
+        cfg.data.split,
+        db,
+        neighbors,
+        k=cfg.model.k,
+        resolution=cfg.model.resolution,
+        k_random_from_top_n=cfg.train.k_random_from_top_n,
+        seed=cfg.train.seed,
+    )
+    return dataset, replace(cfg, **dataset.provenance())
 
 
 def image_tensor(image: Image.Image, resolution: int) -> torch.Tensor:

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from rdm.database import Database
     from rdm.model import vae_settings
     from rdm.neighbors import load_neighbors
-    from rdm.train import RetrievalDataset, train
+    from rdm.train import retrieval_dataset, train
 
     if args.threads is not None:
         import torch
@@ -135,17 +135,7 @@ def run(args: argparse.Namespace) -> int:
         train=replace(cfg.train, **train_changes),
         data=data,
     )
-    dataset = RetrievalDataset(
-        source,
-        data.split,
-        db,
-        neighbors,
-        k=cfg.model.k,
-        resolution=cfg.model.resolution,
-        k_random_from_top_n=cfg.train.k_random_from_top_n,
-        seed=cfg.train.seed,
-    )
-    cfg = replace(cfg, **dataset.provenance())
+    dataset, cfg = retrieval_dataset(cfg, source, db, neighbors)
 
     result = train(cfg, args.out, dataset, resume=args.resume)
     print(
