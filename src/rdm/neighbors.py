@@ -34,6 +34,7 @@ from rdm.data import BadImage, Source, splits_disjoint
 from rdm.database import Database
 from rdm.encoders import Encoder, require_same_identity
 from rdm.errors import IdentityMismatch, RdmError
+from rdm.pseudo_query import distribution as pseudo_query_distribution
 
 FORMAT = "rdm-neighbors/1"
 #: candidates searched beyond k when exclusion is on (doubled for queries that need more)
@@ -152,13 +153,6 @@ def compute_neighbors(
         f"matches); p(x̃) covers {int(np.sum(tensors['pq_counts'] > 0))} of {db.count} rows"
     )
     return path
-
-
-def pseudo_query_distribution(nn_rows: np.ndarray, k_p: int, n_db: int) -> dict[str, np.ndarray]:
-    """``pq_counts`` (N_db,) = how often each row is among the first ``k_p`` neighbours of a
-    query; ``pq_prob`` = counts / (k_p · N), which sums to 1."""
-    counts = np.bincount(nn_rows[:, :k_p].ravel(), minlength=n_db).astype(np.int64)
-    return {"pq_counts": counts, "pq_prob": counts / (k_p * len(nn_rows))}
 
 
 @dataclass
