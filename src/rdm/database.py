@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from rdm import index as faiss_index
-from rdm.data import BadImage, Source
+from rdm.data import Source
+from rdm.embedding import encode_source
 from rdm.encoders import Encoder, describe_identity, identity_fingerprint, require_same_identity
 from rdm.errors import RdmError
 
@@ -190,39 +191,22 @@ def _build_shard(
     out: Path, s: int, shard_ids: np.ndarray, source: Source, encoder: Encoder, batch_size: int, bar
 ) -> None:
     """Embed one shard's ids; write ``_build/shard-s.npy`` then its record ``shard-s.json``."""
-    rows: list[dict] = []  # {id, key, caption} of embedded items, in id order
+    rows: list[dict] = []  # {id, key, caption, content_hash} of embedded items, in id order
     skipped: list[dict] = []  # {id, key, reason}
     chunks: list[np.ndarray] = []
-    for start in range(0, len(shard_ids), batch_size):
-        images = []
-        for i in map(int, shard_ids[start : start + batch_size]):
-            try:
-                images.append(source.load(i))
-            except BadImage as exc:
-                skipped.append({"id": i, "key": source.key(i), "reason": str(exc)})
-                continue
-            rows.append({"id": i, "key": source.key(i), "caption": source.caption(i)})
-        if images:
-            chunks.append(_checked_embeddings(encoder, images))
-        bar.update(len(shard_ids[start : start + batch_size]))
+    for batch in encode_source(source, shard_ids, encoder, batch_size, skipped):
+        for i, h in zip(map(int, batch.ids), batch.hashes, strict=True):
+            rows.append(
+                {"id": i, "key": source.key(i), "caption": source.caption(i), "content_hash": h}
+            )
+        chunks.append(batch.embeddings)
+        bar.update(batch.seen)
     emb = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), np.float32)
     emb = _unit_float16(emb)  # (rows, d) float16
     npy = _shard_build_path(out, s)
     _save_npy(npy, emb)
     record = {"shard": s, "rows": rows, "skipped": skipped, "sha256": _sha256(npy)}
     _write_json(_shard_record_path(out, s), record)
-
-
-def _checked_embeddings(encoder: Encoder, images: list) -> np.ndarray:
-    z = np.asarray(encoder.encode_images(images), dtype=np.float32)  # (B, d)
-    if z.shape != (len(images), encoder.dim):
-        raise DatabaseError(
-            f"encoder {describe_identity(encoder.identity)} returned an array of shape {z.shape} "
-            f"for {len(images)} images; expected ({len(images)}, {encoder.dim})"
-        )
-    if not np.isfinite(z).all():
-        raise DatabaseError(f"encoder {describe_identity(encoder.identity)} returned NaN or inf")
-    return z
 
 
 def _unit_float16(z: np.ndarray) -> np.ndarray:
@@ -431,6 +415,14 @@ class Database:
     def captions(self) -> list[str]:
         return self.metadata.column("caption").to_pylist()
 
+    @cached_property
+    def content_hashes(self) -> np.ndarray | None:
+        """(N,) content hash of each row's pixels, or None for a database built before rdm
+        recorded them (rebuild it to enable exact-duplicate exclusion)."""
+        if "content_hash" not in self.metadata.column_names:
+            return None
+        return np.asarray(self.metadata.column("content_hash").to_pylist(), dtype=object)
+
     def rows_of(self, ids) -> np.ndarray:
         """Rows holding source ``ids``; a :class:`DatabaseError` names ids the database lacks."""
         ids = np.asarray(ids, dtype=np.int64)
@@ -626,6 +618,8 @@ def _write_metadata(path: Path, rows: list[dict], splits: list[str]) -> None:
             "id": pa.array([r["id"] for r in rows], pa.int64()),
             "key": pa.array([r["key"] for r in rows], pa.string()),
             "caption": pa.array([r["caption"] for r in rows], pa.string()),
+            # sha256 of the decoded pixels (rdm.embedding.content_hash): exact duplicates
+            "content_hash": pa.array([r.get("content_hash", "") for r in rows], pa.string()),
             "split": pa.array(splits, pa.string()),
         }
     )
