@@ -10,8 +10,10 @@ import pytest
 from fakes_retrieval import ProjectionEncoder, TinySource
 
 from rdm import database as dbm
+from rdm import db_build
 from rdm import index as fi
-from rdm.database import Database, DatabaseError, build_database, verify
+from rdm.database import Database, DatabaseError, verify
+from rdm.db_build import build_database
 from rdm.errors import IdentityMismatch
 
 BUILD = {"batch_size": 4, "shard_size": 8, "progress": False}
@@ -55,7 +57,8 @@ def test_manifest_follows_the_contract(built):
     )
     assert m["index"]["type"] == "flat" and m["index"]["recall_at_k"] == 1.0
     assert sum(s["rows"] for s in m["shards"]) == 48
-    assert m["fingerprint"] == dbm.fingerprint_of(m["shards"])
+    assert m["checksum"] == dbm.checksum_of(m["shards"])
+    assert m["fingerprint"] == dbm.fingerprint_of(m["identity"])
     assert not (built / "_build").exists()
 
 
@@ -110,7 +113,7 @@ def test_crash_while_finishing_also_resumes(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dbm, "_build_and_save_index", crash)
+    monkeypatch.setattr(db_build, "_build_and_save_index", crash)
     with pytest.raises(KeyboardInterrupt):
         build_database(src, "all", enc, tmp_path / "db", **BUILD)
     assert list((tmp_path / "db" / "embeddings").glob("*.npy"))  # shards already moved

@@ -1,48 +1,48 @@
-"""The retrieval database D: frozen-encoder embeddings of one source split, plus metadata and index.
+"""The retrieval database D, opened read-only: frozen-encoder embeddings of one source split, plus
+metadata and index; searched, verified, and checked against what its manifest records.
 
 On disk (see docs/design.md, "Database directory")::
 
     DIR/manifest.json               written last: a valid manifest = a complete build
     DIR/embeddings/shard-00000.npy  float16 (rows, d), unit norm, rows in id order
-    DIR/metadata.parquet            row, id, key, caption, split
+    DIR/metadata.parquet            row, id, key, caption, content_hash, split
     DIR/index.faiss                 FAISS index over the embeddings (inner product = cosine)
     DIR/skipped.jsonl               {"id", "key", "reason"} per item that was not embedded
-    DIR/_build/                     resume state while building
 
-The build walks the split's ids in fixed shards of ``shard_size`` ids. Each finished shard is
-written atomically to ``_build/`` (its ``.npy`` first, then its ``.json`` record, which marks it
-done), so a killed build resumes from the finished shards and ends with exactly the rows an
-unbroken build has. Items whose image is unusable are recorded in ``skipped.jsonl`` and never
-shift ids: the database's ``row`` numbers are dense, its ``id`` column keeps the source's ids.
+Building lives in :mod:`rdm.db_build` (``build_database`` is re-exported here).
+
+Two hashes describe a database, for two different questions:
+
+- :attr:`Database.fingerprint` — *which* database this is, for the pairing guards (neighbours
+  files, a run's ``db_fingerprint``, the pipeline's swap check): a hash of its content identity
+  (source spec, split, db fraction, the ids of the rows it holds, the encoder's identity, how the
+  vectors are stored). It does not depend on the embedding bytes, which differ between CPUs for
+  the same encoder (bf16 autocast rounds differently on different microarchitectures), so
+  neighbours and models made on one machine fit the same database rebuilt on another.
+- :attr:`Database.checksum` — whether its *bytes* are intact: a hash of the shards' sha256s.
+  Every file is checked against the sha256 its manifest records the first time it is read
+  (once per :class:`Database`); ``rdm db verify`` checks everything at once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import sys
-from dataclasses import dataclass
-from datetime import datetime, timezone
+import shlex
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from rdm import index as faiss_index
-from rdm.data import Source
-from rdm.embedding import encode_source
-from rdm.encoders import Encoder, describe_identity, identity_fingerprint, require_same_identity
+from rdm.encoders import Encoder, identity_fingerprint, require_same_identity
 from rdm.errors import RdmError
+from rdm.io import sha256_file
 
 FORMAT = "rdm-db/1"
-#: default memory budget for the index (the --memory-budget of `rdm db build`)
-DEFAULT_MEMORY_BUDGET = 2_000_000_000
-#: recall of approximate indexes is tuned and recorded at these k: 4 neighbours condition the
-#: model (paper's k), the neighbours file stores 20
-RECALL_KS = (4, 20)
-RECALL_QUERIES = 1000
+IDENTITY_FORMAT = "rdm-db-identity/1"
+#: how stored vectors are made from the encoder's output (part of the content identity)
+VECTORS = "float16, renormalised to unit norm in float32"
 #: embeddings are stored float16, so their norms are 1 only up to float16 rounding
 NORM_TOLERANCE = 1e-2
 
@@ -58,283 +58,73 @@ class DatabaseError(RdmError):
     """A database directory that is missing, incomplete, damaged, or built with other options."""
 
 
-# ---- build --------------------------------------------------------------------------------------
+def __getattr__(name: str):
+    # `from rdm.database import build_database` keeps working; building lives in rdm.db_build,
+    # which imports this module (a lazy re-export avoids the import cycle)
+    if name in ("build_database", "DEFAULT_MEMORY_BUDGET", "RECALL_KS"):
+        from rdm import db_build
+
+        return getattr(db_build, name)
+    raise AttributeError(f"module 'rdm.database' has no attribute {name!r}")
 
 
-def build_database(
-    source: Source,
-    split: str,
-    encoder: Encoder,
-    out_dir: str | Path,
-    *,
-    batch_size: int = 256,
-    shard_size: int = 4096,
-    memory_budget: float = DEFAULT_MEMORY_BUDGET,
-    db_fraction: float = 0.5,
-    progress: bool = True,
-) -> Path:
-    """Embed ``source``'s ``split`` with ``encoder`` into the database directory ``out_dir``.
-
-    Resumes a partial build made with the same source, split, fraction, encoder and shard size;
-    refuses one made with other options, and refuses a directory holding anything else. Returns
-    ``out_dir``; when it already holds this very database, says so and returns it unchanged."""
-    out = Path(out_dir)
-    if batch_size < 1 or shard_size < 1:
-        raise DatabaseError(
-            f"--batch-size and --shard-size must be positive, got {batch_size} and {shard_size}"
-        )
-    ids = source.split_ids(split, db_fraction)  # (n,) int64 ascending
-    plan = _plan(source, split, db_fraction, encoder, shard_size, ids)
-    if _already_built(out, plan):
-        return out
-    _start_or_resume(out, plan)
-
-    shards = [ids[i : i + shard_size] for i in range(0, len(ids), shard_size)]
-    done = [s for s in range(len(shards)) if _shard_record_path(out, s).is_file()]
-    with _progress_bar(len(ids), sum(len(shards[s]) for s in done), progress) as bar:
-        for s, shard_ids in enumerate(shards):
-            if s not in done:
-                _build_shard(out, s, shard_ids, source, encoder, batch_size, bar)
-
-    _finish(out, plan, source, split, db_fraction, len(shards), memory_budget, progress)
-    return out
+# ---- identity and checksum ----------------------------------------------------------------------
 
 
-@dataclass
-class _Plan:
-    """Everything a partial build must agree on to be resumed (written to ``_build/state.json``)."""
-
-    source: dict  # {spec, split, db_fraction, ids_count, ids_sha256}
-    encoder: dict  # identity
-    shard_size: int
-
-    def as_dict(self) -> dict:
-        return {"format": FORMAT, **self.__dict__}
-
-    def differences(self, other: dict) -> list[str]:
-        """Human-readable differences between this plan and a stored one."""
-        old = other["source"]
-        diffs = [
-            f"source {key} {old.get(key)!r} -> {self.source[key]!r}"
-            for key in ("spec", "split", "db_fraction")
-            if old.get(key) != self.source[key]
-        ]
-        if not diffs and old.get("ids_sha256") != self.source["ids_sha256"]:
-            diffs.append(
-                f"the split's items changed ({old.get('ids_count')} ids -> "
-                f"{self.source['ids_count']}, other checksum)"
-            )
-        if identity_fingerprint(other["encoder"]) != identity_fingerprint(self.encoder):
-            diffs.append(
-                f"encoder {describe_identity(other['encoder'])} -> {describe_identity(self.encoder)}"
-            )
-        if other.get("shard_size") != self.shard_size:
-            diffs.append(f"shard size {other.get('shard_size')} -> {self.shard_size}")
-        return diffs
+def ids_sha256(ids: np.ndarray) -> str:
+    """sha256 of int64 little-endian ids: which items a split (or a database) holds."""
+    return hashlib.sha256(np.ascontiguousarray(ids, "<i8").tobytes()).hexdigest()
 
 
-def _plan(
-    source: Source, split: str, db_fraction: float, encoder: Encoder, shard_size: int, ids
-) -> _Plan:
-    return _Plan(
-        source={
-            "spec": source.spec,
-            "split": split,
-            "db_fraction": float(db_fraction),
-            "ids_count": int(len(ids)),
-            "ids_sha256": hashlib.sha256(np.ascontiguousarray(ids, "<i8").tobytes()).hexdigest(),
-        },
-        encoder=dict(encoder.identity),
-        shard_size=int(shard_size),
-    )
+def content_identity(source: dict, row_ids: np.ndarray, encoder: dict) -> dict:
+    """What a database holds, independent of the exact bytes of its embeddings.
 
-
-def _already_built(out: Path, plan: _Plan) -> bool:
-    """True when ``out`` holds this database complete; refuse when it holds a different one."""
-    if not (out / MANIFEST).is_file():
-        return False
-    manifest = _read_json(out / MANIFEST, "database manifest")
-    built = {"source": manifest.get("source", {}), "encoder": manifest.get("encoder", {})}
-    diffs = plan.differences({**built, "shard_size": plan.shard_size})
-    if diffs:
-        raise DatabaseError(
-            f"{out} already holds a complete database built with other options "
-            f"({'; '.join(diffs)}); it is never overwritten: choose another --out, or delete {out}"
-        )
-    _note(f"{out} already holds this database ({manifest['count']} rows): nothing to do")
-    if (out / BUILD).exists():  # killed between writing the manifest and cleaning up
-        shutil.rmtree(out / BUILD)
-    return True
-
-
-def _start_or_resume(out: Path, plan: _Plan) -> None:
-    state_path = out / BUILD / "state.json"
-    if state_path.is_file():
-        diffs = plan.differences(_read_json(state_path, "build state"))
-        if diffs:
-            raise DatabaseError(
-                f"{out} holds a partial build made with other options ({'; '.join(diffs)}); "
-                f"rerun the original command to finish it, or delete {out / BUILD} to start over"
-            )
-        _note(f"resuming the partial build in {out}")
-        return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DatabaseError(
-            f"{out} exists and is not an empty directory, a database or a partial build: "
-            "choose a new --out directory"
-        )
-    (out / BUILD).mkdir(parents=True, exist_ok=True)
-    _write_json(state_path, plan.as_dict())
-
-
-def _build_shard(
-    out: Path, s: int, shard_ids: np.ndarray, source: Source, encoder: Encoder, batch_size: int, bar
-) -> None:
-    """Embed one shard's ids; write ``_build/shard-s.npy`` then its record ``shard-s.json``."""
-    rows: list[dict] = []  # {id, key, caption, content_hash} of embedded items, in id order
-    skipped: list[dict] = []  # {id, key, reason}
-    chunks: list[np.ndarray] = []
-    for batch in encode_source(source, shard_ids, encoder, batch_size, skipped):
-        for i, h in zip(map(int, batch.ids), batch.hashes, strict=True):
-            rows.append(
-                {"id": i, "key": source.key(i), "caption": source.caption(i), "content_hash": h}
-            )
-        chunks.append(batch.embeddings)
-        bar.update(batch.seen)
-    emb = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), np.float32)
-    emb = _unit_float16(emb)  # (rows, d) float16
-    npy = _shard_build_path(out, s)
-    _save_npy(npy, emb)
-    record = {"shard": s, "rows": rows, "skipped": skipped, "sha256": _sha256(npy)}
-    _write_json(_shard_record_path(out, s), record)
-
-
-def _unit_float16(z: np.ndarray) -> np.ndarray:
-    """Renormalise in float32, then store as float16 (norm error ≤ ~1e-3)."""
-    norms = np.linalg.norm(z, axis=1, keepdims=True)
-    return (z / np.maximum(norms, 1e-12)).astype(np.float16)
-
-
-def _finish(
-    out: Path,
-    plan: _Plan,
-    source: Source,
-    split: str,
-    db_fraction: float,
-    n_shards: int,
-    memory_budget: float,
-    progress: bool,
-) -> None:
-    """All shards done: move them into place, write metadata, index and (last) the manifest.
-    Every step can be redone, so a build killed here also resumes."""
-    records = [_read_json(_shard_record_path(out, s), "shard record") for s in range(n_shards)]
-    shards = _move_shards(out, records)
-    rows = [row for r in records for row in r["rows"]]
-    skipped = [item for r in records for item in r["skipped"]]
-    if not rows:
-        raise DatabaseError(
-            f"no image of {source.spec} split {split!r} could be used ({len(skipped)} skipped; "
-            f"reasons in {out / BUILD}); nothing to index"
-        )
-    _write_metadata(out / METADATA, rows, _split_labels(source, split, db_fraction, rows))
-    _write_skipped(out / SKIPPED, skipped)
-    emb = _concat_shards(out, shards)
-    index_info = _build_and_save_index(out, emb, memory_budget, progress)
-    manifest = {
-        "format": FORMAT,
-        "encoder": plan.encoder,
-        "dim": int(emb.shape[1]),
-        "count": len(rows),
-        "source": {**plan.source, "rule": source.split_rule(db_fraction)},
-        "shards": shards,
-        "metadata": {"file": METADATA, "sha256": _sha256(out / METADATA)},
-        "index": index_info,
-        "skipped": len(skipped),
-        "fingerprint": fingerprint_of(shards),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "rdm_version": _rdm_version(),
-    }
-    _write_json(out / MANIFEST, manifest)
-    shutil.rmtree(out / BUILD)
-    _note(
-        f"built {out}: {len(rows)} rows, {len(skipped)} skipped, d={manifest['dim']}, "
-        f"index {index_info['type']} recall@{index_info['k']} = {index_info['recall_at_k']:.3f}"
-    )
-
-
-def _move_shards(out: Path, records: list[dict]) -> list[dict]:
-    """Move non-empty ``_build`` shards to ``embeddings/`` (idempotent); their manifest entries."""
-    (out / EMBEDDINGS).mkdir(exist_ok=True)
-    shards = []
-    for r in records:
-        if not r["rows"]:
-            continue
-        final = out / EMBEDDINGS / f"shard-{r['shard']:05d}.npy"
-        built = _shard_build_path(out, r["shard"])
-        if built.is_file():
-            os.replace(built, final)
-        if not final.is_file() or _sha256(final) != r["sha256"]:
-            raise DatabaseError(
-                f"embeddings shard {r['shard']} of the partial build in {out} is missing or "
-                f"damaged; delete {_shard_record_path(out, r['shard'])} and rerun the build to "
-                "recompute it"
-            )
-        shards.append(
-            {"file": f"{EMBEDDINGS}/{final.name}", "rows": len(r["rows"]), "sha256": r["sha256"]}
-        )
-    return shards
-
-
-def _split_labels(source: Source, split: str, db_fraction: float, rows: list[dict]) -> list[str]:
-    """The split each row belongs to; for ``all``, the finer train / db / test membership."""
-    if split != "all":
-        return [split] * len(rows)
-    ids = np.array([r["id"] for r in rows], dtype=np.int64)
-    labels = np.full(len(ids), "all", dtype=object)
-    for name in ("train", "db", "test"):
-        labels[np.isin(ids, source.split_ids(name, db_fraction))] = name
-    return labels.tolist()
-
-
-def _build_and_save_index(out: Path, emb: np.ndarray, memory_budget: float, progress: bool) -> dict:
-    n, d = emb.shape
-    spec = faiss_index.choose_index(n, d, memory_budget)
-    if progress:
-        _note(f"indexing {n} vectors: {spec.factory(d)} (inner product)")
-    index = faiss_index.build_index(emb, spec)
-    ks = tuple(sorted({min(k, n - 1) for k in RECALL_KS} - {0}))
-    if spec.type == "flat" or not ks:
-        recall, measured_on = (
-            {k: 1.0 for k in RECALL_KS},
-            "exact index (IndexFlatIP): recall 1 by construction",
-        )
-    else:
-        spec, recall = faiss_index.tune_index(index, spec, emb, ks, n_queries=RECALL_QUERIES)
-        measured_on = (
-            f"{min(RECALL_QUERIES, n)} database rows as queries (seed 0), each query's own row "
-            "left out, against exact search"
-        )
-    faiss_index.save_index(index, out / INDEX)
+    ``source``: the manifest's ``{spec, split, db_fraction}``; ``row_ids`` (N,) the source ids of
+    its rows (the split's ids minus the skipped ones); ``encoder``: the encoder identity, reduced
+    to :func:`rdm.encoders.identity_fingerprint` (what it computes, not where it was loaded)."""
     return {
-        "type": spec.type,
-        "params": spec.params,
-        "factory": spec.factory(d),
-        "file": INDEX,
-        "sha256": _sha256(out / INDEX),
-        "recall_at_k": float(recall[min(recall)]),
-        "k": int(min(recall)),
-        "recall_by_k": {str(k): float(r) for k, r in recall.items()},
-        "measured_on": measured_on,
-        "bytes_per_vector": spec.bytes_per_vector(d),
-        "memory_budget": float(memory_budget),
+        "format": IDENTITY_FORMAT,
+        "source": source["spec"],
+        "split": source["split"],
+        "db_fraction": float(source["db_fraction"]),
+        "rows": int(len(row_ids)),
+        "ids_sha256": ids_sha256(row_ids),
+        "encoder": identity_fingerprint(encoder),
+        "vectors": VECTORS,
     }
+
+
+def fingerprint_of(identity: dict) -> str:
+    """16 hex chars of the sha256 of a content identity (canonical JSON): ``Database.fingerprint``."""
+    blob = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def checksum_of(shards: list[dict]) -> str:
+    """16 hex chars of the sha256 of the shards' sha256s (one per line): ``Database.checksum``.
+    (Before rdm separated identity from integrity this was the manifest's ``fingerprint``.)"""
+    blob = "\n".join(s["sha256"] for s in shards).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def rebuild_command(manifest: dict, out: str | Path = "NEW_DIR") -> str:
+    """The ``rdm db build`` command that makes this database again (same fingerprint)."""
+    src = manifest["source"]
+    args = [
+        "rdm", "db", "build", src["spec"], "--split", src["split"],
+        "--db-fraction", str(src["db_fraction"]),
+        "--encoder", str(manifest["encoder"].get("spec", "SPEC")), "--out", str(out),
+    ]  # fmt: skip
+    return shlex.join(args)
 
 
 # ---- open ---------------------------------------------------------------------------------------
 
 
 class Database:
-    """A complete database directory, opened read-only. Rows are dense 0..N-1 in id order."""
+    """A complete database directory, opened read-only. Rows are dense 0..N-1 in id order.
+
+    Files are read lazily and each is checked against its manifest sha256 when first read."""
 
     def __init__(self, root: Path, manifest: dict):
         self.root = root
@@ -352,7 +142,7 @@ class Database:
             raise DatabaseError(f"{root} is a file, not a database directory")
         if not (root / MANIFEST).is_file():
             raise DatabaseError(_not_a_database_message(root))
-        manifest = _read_json(root / MANIFEST, "database manifest")
+        manifest = read_json(root / MANIFEST, "database manifest")
         if manifest.get("format") != FORMAT:
             raise DatabaseError(
                 f"{root / MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT!r}: "
@@ -380,7 +170,17 @@ class Database:
 
     @property
     def fingerprint(self) -> str:
+        """Content identity (see the module docstring): what the pairing guards compare.
+
+        A database built before rdm recorded its identity keeps the fingerprint it was built with
+        (then a hash of its shard checksums), so the neighbours files and runs made for it still
+        fit; rebuild it to get a fingerprint that is the same on every machine."""
         return self.manifest["fingerprint"]
+
+    @property
+    def checksum(self) -> str:
+        """Hash of the shards' sha256s: changes with any byte of the embeddings."""
+        return self.manifest.get("checksum") or checksum_of(self.manifest["shards"])
 
     @property
     def source_spec(self) -> str:
@@ -393,14 +193,28 @@ class Database:
     def __repr__(self) -> str:
         return f"Database({str(self.root)!r}, count={self.count}, dim={self.dim})"
 
+    def rebuild_hint(self) -> str:
+        """What to tell a user whose copy of this database is damaged."""
+        return (
+            f"rebuild it with '{rebuild_command(self.manifest)}' (same fingerprint: its "
+            f"neighbours files and models still fit), or restore {self.root} from a copy"
+        )
+
     # -- metadata --
 
     @cached_property
     def metadata(self):
-        """The metadata table (pyarrow): row, id, key, caption, split."""
+        """The metadata table (pyarrow): row, id, key, caption, content_hash, split."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(self.root / METADATA)
+        path = self._checked_file(self.manifest["metadata"], "metadata")
+        try:
+            return pq.read_table(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise DatabaseError(
+                f"metadata {path} cannot be read ({exc}); {self.rebuild_hint()}"
+            ) from None
 
     @cached_property
     def ids(self) -> np.ndarray:
@@ -440,8 +254,9 @@ class Database:
 
     @cached_property
     def embeddings(self) -> np.ndarray:
-        """(N, d) float16, unit norm, rows in id order (all shards concatenated in memory)."""
-        return _concat_shards(self.root, self.manifest["shards"])
+        """(N, d) float16, unit norm, rows in id order (all shards, each checked, in memory)."""
+        parts = [self._read_shard(s) for s in self.manifest["shards"]]
+        return np.concatenate(parts) if len(parts) != 1 else np.asarray(parts[0])
 
     def vectors(self, rows) -> np.ndarray:
         """Embeddings of ``rows`` (any shape of ints) as float32 (…, d)."""
@@ -454,14 +269,14 @@ class Database:
 
     @cached_property
     def index(self):
-        spec = faiss_index.IndexSpec(
-            self.manifest["index"]["type"], self.manifest["index"]["params"]
-        )
-        return faiss_index.load_index(self.root / self.manifest["index"]["file"], spec)
+        info = self.manifest["index"]
+        path = self._checked_file(info, "index")
+        return faiss_index.load_index(path, faiss_index.IndexSpec(info["type"], info["params"]))
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows by cosine: ``xq`` (B, d) or (d,) -> ``D`` (B, k) float32, ``I`` (B, k)
-        int64 rows. Queries are renormalised (cosine needs unit vectors on both sides)."""
+        int64 rows, every one a real row. Queries are renormalised (cosine needs unit vectors
+        on both sides)."""
         if not 1 <= k <= self.count:
             raise DatabaseError(
                 f"k must lie in 1..{self.count} (the database's size) for {self.root}, got {k}"
@@ -471,8 +286,21 @@ class Database:
             raise DatabaseError(
                 f"queries have dimension {xq.shape[1]} but database {self.root} has d={self.dim}"
             )
+        if not np.isfinite(xq).all():
+            raise DatabaseError(
+                f"a query vector for database {self.root} holds NaN or inf; check where it came "
+                f"from ('rdm db verify {self.root}' checks the stored vectors)"
+            )
         xq = xq / np.maximum(np.linalg.norm(xq, axis=1, keepdims=True), 1e-12)
-        return faiss_index.search(self.index, xq, k)
+        D, I = faiss_index.search(self.index, xq, k)  # (B, k); I = -1 where FAISS found < k
+        short = (I < 0).any(axis=1)
+        if short.any():
+            # An approximate index can return fewer than k rows (an IVF probing lists that hold
+            # fewer vectors); FAISS pads with row -1, score -3.4e38. Search those queries exactly.
+            D[short], I[short] = faiss_index.exact_search(self.embeddings, xq[short], k)
+        if (I < 0).any():  # unreachable for k <= count; never hand -1 on as a row
+            raise DatabaseError(f"search of {self.root} found fewer than k = {k} rows")
+        return D, I
 
     # -- pairing guards --
 
@@ -492,6 +320,39 @@ class Database:
                 f"database {other.root} has d={other.dim} but {self.root} has d={self.dim}"
             )
 
+    # -- checked reading --
+
+    def _checked_file(self, entry: dict, what: str) -> Path:
+        """``root / entry["file"]`` after checking its bytes against ``entry["sha256"]``."""
+        path = self.root / entry["file"]
+        if not path.is_file():
+            raise DatabaseError(f"{what} {path} is missing; {self.rebuild_hint()}")
+        if sha256_file(path) != entry["sha256"]:
+            raise DatabaseError(
+                f"{what} {path} does not match the sha256 in {self.root / MANIFEST} (damaged, "
+                f"truncated or modified); {self.rebuild_hint()}"
+            )
+        return path
+
+    def _read_shard(self, shard: dict) -> np.ndarray:
+        """One embeddings shard, checked: (rows, d) float16 (memory-mapped)."""
+        path = self._checked_file(shard, "embeddings shard")
+        problem = _shard_problem(path, shard["rows"], self.dim)
+        if problem:
+            raise DatabaseError(f"{problem}; {self.rebuild_hint()}")
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _shard_problem(path: Path, rows: int, dim: int) -> str | None:
+    """What is wrong with a shard file's header (None when it is float16 (rows, dim))."""
+    try:
+        emb = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        return f"embeddings shard {path} cannot be read ({exc})"
+    if emb.dtype != np.float16 or emb.shape != (rows, dim):
+        return f"embeddings shard {path} is {emb.dtype} {emb.shape}, expected float16 {(rows, dim)}"
+    return None
+
 
 def _not_a_database_message(root: Path) -> str:
     state_path = root / BUILD / "state.json"
@@ -500,7 +361,7 @@ def _not_a_database_message(root: Path) -> str:
             f"{root} is not an rdm database (no {MANIFEST}); build one with "
             f"'rdm db build SOURCE --out {root}'"
         )
-    state = _read_json(state_path, "build state")
+    state = read_json(state_path, "build state")
     src = state["source"]
     return (
         f"{root} holds an incomplete build of {src['spec']} split {src['split']!r}; rerun "
@@ -523,8 +384,10 @@ def verify(root: str | Path) -> list[str]:
     problems = _verify_shards(root, m)
     problems += _verify_metadata(db)
     problems += _verify_index(root, m)
-    if m.get("fingerprint") != fingerprint_of(m["shards"]):
-        problems.append("manifest fingerprint does not match the shard checksums")
+    if m.get("checksum", checksum_of(m["shards"])) != checksum_of(m["shards"]):
+        problems.append("manifest checksum does not match the shard checksums")
+    if "identity" in m and not problems:
+        problems += _verify_identity(db)
     n_skipped = _count_lines(root / SKIPPED)
     if n_skipped != m.get("skipped"):
         problems.append(f"{SKIPPED} lists {n_skipped} items, the manifest says {m.get('skipped')}")
@@ -539,21 +402,15 @@ def _verify_shards(root: Path, m: dict) -> list[str]:
         if not path.is_file():
             problems.append(f"embeddings shard {path} is missing")
             continue
-        if _sha256(path) != shard["sha256"]:
+        if sha256_file(path) != shard["sha256"]:
             problems.append(f"embeddings shard {path} does not match its checksum (modified?)")
-        try:
-            emb = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            problems.append(f"embeddings shard {path} cannot be read: {exc}")
+        problem = _shard_problem(path, shard["rows"], m["dim"])
+        if problem:
+            problems.append(problem)
             continue
-        if emb.dtype != np.float16 or emb.shape != (shard["rows"], m["dim"]):
-            problems.append(
-                f"embeddings shard {path} is {emb.dtype} {emb.shape}, expected float16 "
-                f"({shard['rows']}, {m['dim']})"
-            )
-            continue
+        emb = np.load(path, mmap_mode="r", allow_pickle=False)
         norms = np.linalg.norm(emb.astype(np.float32), axis=1)
-        if emb.size and np.abs(norms - 1).max() > NORM_TOLERANCE:
+        if emb.size and not (np.abs(norms - 1) <= NORM_TOLERANCE).all():  # NaN fails too
             problems.append(f"embeddings shard {path} has rows that are not unit norm")
     if total != m["count"]:
         problems.append(f"shards hold {total} rows, the manifest says {m['count']}")
@@ -564,7 +421,7 @@ def _verify_metadata(db: Database) -> list[str]:
     path = db.root / METADATA
     if not path.is_file():
         return [f"{path} is missing"]
-    if _sha256(path) != db.manifest["metadata"]["sha256"]:
+    if sha256_file(path) != db.manifest["metadata"]["sha256"]:
         return [f"{path} does not match its checksum (modified?)"]
     problems = []
     rows = db.metadata.column("row").to_numpy()
@@ -580,7 +437,7 @@ def _verify_index(root: Path, m: dict) -> list[str]:
     if not path.is_file():
         return [f"index {path} is missing"]
     problems = []
-    if _sha256(path) != m["index"]["sha256"]:
+    if sha256_file(path) != m["index"]["sha256"]:
         problems.append(f"index {path} does not match its checksum (modified or truncated?)")
     try:
         index = faiss_index.load_index(path)
@@ -594,82 +451,25 @@ def _verify_index(root: Path, m: dict) -> list[str]:
     return problems
 
 
+def _verify_identity(db: Database) -> list[str]:
+    """The recorded identity describes these rows and this encoder, and hashes to the fingerprint."""
+    m = db.manifest
+    problems = []
+    if content_identity(m["source"], db.ids, m["encoder"]) != m["identity"]:
+        problems.append(f"{MANIFEST} identity does not describe the rows and encoder it lists")
+    if fingerprint_of(m["identity"]) != m["fingerprint"]:
+        problems.append(f"{MANIFEST} fingerprint is not the hash of its identity")
+    return problems
+
+
 # ---- files --------------------------------------------------------------------------------------
 
 
-def fingerprint_of(shards: list[dict]) -> str:
-    """sha256 of the shards' checksums (one per line), 16 hex chars: the database's identity."""
-    blob = "\n".join(s["sha256"] for s in shards).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _concat_shards(root: Path, shards: list[dict]) -> np.ndarray:
-    parts = [np.load(root / s["file"], mmap_mode="r", allow_pickle=False) for s in shards]
-    return np.concatenate(parts) if len(parts) != 1 else np.asarray(parts[0])
-
-
-def _write_metadata(path: Path, rows: list[dict], splits: list[str]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table(
-        {
-            "row": pa.array(np.arange(len(rows)), pa.int64()),
-            "id": pa.array([r["id"] for r in rows], pa.int64()),
-            "key": pa.array([r["key"] for r in rows], pa.string()),
-            "caption": pa.array([r["caption"] for r in rows], pa.string()),
-            # sha256 of the decoded pixels (rdm.embedding.content_hash): exact duplicates
-            "content_hash": pa.array([r.get("content_hash", "") for r in rows], pa.string()),
-            "split": pa.array(splits, pa.string()),
-        }
-    )
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def _write_skipped(path: Path, skipped: list[dict]) -> None:
-    _write_text(path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped))
-
-
-def _shard_build_path(out: Path, s: int) -> Path:
-    return out / BUILD / f"shard-{s:05d}.npy"
-
-
-def _shard_record_path(out: Path, s: int) -> Path:
-    return out / BUILD / f"shard-{s:05d}.json"
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    _write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DatabaseError(f"{what} {path} cannot be read ({exc}); it is damaged") from None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _count_lines(path: Path) -> int | None:
@@ -677,26 +477,3 @@ def _count_lines(path: Path) -> int | None:
         return None
     with open(path, encoding="utf-8") as f:
         return sum(1 for line in f if line.strip())
-
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        unit="img",
-        desc="embedding",
-        disable=not enabled,
-        smoothing=0.1,
-    )
-
-
-def _note(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
-def _rdm_version() -> str:
-    from rdm import __version__
-
-    return __version__

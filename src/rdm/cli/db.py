@@ -87,7 +87,7 @@ def parse_size(text: str) -> float:
 
 def run_build(args: argparse.Namespace) -> int:
     from rdm.data import open_source
-    from rdm.database import build_database
+    from rdm.db_build import build_database
     from rdm.encoders import load_encoder
 
     source = open_source(args.source)

@@ -1,0 +1,399 @@
+"""Building the retrieval database D: plan, embed in resumable shards, finish (metadata, index,
+manifest). Opening, searching and verifying live in :mod:`rdm.database`.
+
+The build walks the split's ids in fixed shards of ``shard_size`` ids. Each finished shard is
+written atomically to ``_build/`` (its ``.npy`` first, then its ``.json`` record, which marks it
+done), so a killed build resumes from the finished shards and ends with exactly the rows an
+unbroken build has. Items whose image is unusable are recorded in ``skipped.jsonl`` and never
+shift ids: the database's ``row`` numbers are dense, its ``id`` column keeps the source's ids.
+The output directory is checked for writability before anything is encoded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from rdm import index as faiss_index
+from rdm.data import Source
+from rdm.database import (
+    BUILD,
+    EMBEDDINGS,
+    FORMAT,
+    INDEX,
+    MANIFEST,
+    METADATA,
+    SKIPPED,
+    DatabaseError,
+    checksum_of,
+    content_identity,
+    fingerprint_of,
+    ids_sha256,
+    read_json,
+    verify,
+)
+from rdm.embedding import encode_source
+from rdm.encoders import Encoder, describe_identity, identity_fingerprint
+from rdm.io import atomic_write, require_writable, save_npy, sha256_file, write_json, write_text
+
+#: default memory budget for the index (the --memory-budget of `rdm db build`)
+DEFAULT_MEMORY_BUDGET = 2_000_000_000
+#: recall of approximate indexes is tuned and recorded at these k: 4 neighbours condition the
+#: model (paper's k), the neighbours file stores 20
+RECALL_KS = (4, 20)
+RECALL_QUERIES = 1000
+
+
+def build_database(
+    source: Source,
+    split: str,
+    encoder: Encoder,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 256,
+    shard_size: int = 4096,
+    memory_budget: float = DEFAULT_MEMORY_BUDGET,
+    db_fraction: float = 0.5,
+    progress: bool = True,
+) -> Path:
+    """Embed ``source``'s ``split`` with ``encoder`` into the database directory ``out_dir``.
+
+    Resumes a partial build made with the same source, split, fraction, encoder and shard size;
+    refuses one made with other options, and refuses a directory holding anything else. Returns
+    ``out_dir``; when it already holds this very database, says so and returns it unchanged."""
+    out = Path(out_dir)
+    if batch_size < 1 or shard_size < 1:
+        raise DatabaseError(
+            f"--batch-size and --shard-size must be positive, got {batch_size} and {shard_size}"
+        )
+    ids = source.split_ids(split, db_fraction)  # (n,) int64 ascending
+    plan = _plan(source, split, db_fraction, encoder, shard_size, ids)
+    if _already_built(out, plan):
+        return out
+    _start_or_resume(out, plan)
+
+    shards = [ids[i : i + shard_size] for i in range(0, len(ids), shard_size)]
+    done = [s for s in range(len(shards)) if _shard_record_path(out, s).is_file()]
+    with _progress_bar(len(ids), sum(len(shards[s]) for s in done), progress) as bar:
+        for s, shard_ids in enumerate(shards):
+            if s not in done:
+                _build_shard(out, s, shard_ids, source, encoder, batch_size, bar)
+
+    _finish(out, plan, source, split, db_fraction, len(shards), memory_budget, progress)
+    return out
+
+
+# ---- plan ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """Everything a partial build must agree on to be resumed (written to ``_build/state.json``)."""
+
+    source: dict  # {spec, split, db_fraction, ids_count, ids_sha256}
+    encoder: dict  # identity
+    shard_size: int
+
+    def as_dict(self) -> dict:
+        return {"format": FORMAT, **self.__dict__}
+
+    def differences(self, other: dict) -> list[str]:
+        """Human-readable differences between this plan and a stored one."""
+        old = other["source"]
+        diffs = [
+            f"source {key} {old.get(key)!r} -> {self.source[key]!r}"
+            for key in ("spec", "split", "db_fraction")
+            if old.get(key) != self.source[key]
+        ]
+        if not diffs and old.get("ids_sha256") != self.source["ids_sha256"]:
+            diffs.append(
+                f"the split's items changed ({old.get('ids_count')} ids -> "
+                f"{self.source['ids_count']}, other checksum)"
+            )
+        if identity_fingerprint(other["encoder"]) != identity_fingerprint(self.encoder):
+            diffs.append(
+                f"encoder {describe_identity(other['encoder'])} -> {describe_identity(self.encoder)}"
+            )
+        if other.get("shard_size") != self.shard_size:
+            diffs.append(f"shard size {other.get('shard_size')} -> {self.shard_size}")
+        return diffs
+
+
+def _plan(
+    source: Source, split: str, db_fraction: float, encoder: Encoder, shard_size: int, ids
+) -> _Plan:
+    return _Plan(
+        source={
+            "spec": source.spec,
+            "split": split,
+            "db_fraction": float(db_fraction),
+            "ids_count": int(len(ids)),
+            "ids_sha256": ids_sha256(ids),
+        },
+        encoder=dict(encoder.identity),
+        shard_size=int(shard_size),
+    )
+
+
+def _already_built(out: Path, plan: _Plan) -> bool:
+    """True when ``out`` holds this database complete and sound; refuse when it holds a different
+    or a damaged one (a rerun must never report "nothing to do" over damaged files)."""
+    if not (out / MANIFEST).is_file():
+        return False
+    manifest = read_json(out / MANIFEST, "database manifest")
+    built = {"source": manifest.get("source", {}), "encoder": manifest.get("encoder", {})}
+    diffs = plan.differences({**built, "shard_size": plan.shard_size})
+    if diffs:
+        raise DatabaseError(
+            f"{out} already holds a complete database built with other options "
+            f"({'; '.join(diffs)}); it is never overwritten: choose another --out, or delete {out}"
+        )
+    problems = verify(out)
+    if problems:
+        raise DatabaseError(
+            f"{out} holds this database, but damaged ({problems[0]}; {len(problems)} problem(s), "
+            f"see 'rdm db verify {out}'); build into another --out, or delete {out} and rerun"
+        )
+    _note(f"{out} already holds this database ({manifest['count']} rows): nothing to do")
+    if (out / BUILD).exists():  # killed between writing the manifest and cleaning up
+        shutil.rmtree(out / BUILD)
+    return True
+
+
+def _start_or_resume(out: Path, plan: _Plan) -> None:
+    """Check ``out`` can hold this build (and can be written) before anything is encoded."""
+    state_path = out / BUILD / "state.json"
+    if state_path.is_file():
+        diffs = plan.differences(read_json(state_path, "build state"))
+        if diffs:
+            raise DatabaseError(
+                f"{out} holds a partial build made with other options ({'; '.join(diffs)}); "
+                f"rerun the original command to finish it, or delete {out / BUILD} to start over"
+            )
+        require_writable(out / BUILD, is_dir=True, what="database build directory")
+        _note(f"resuming the partial build in {out}")
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DatabaseError(
+            f"{out} exists and is not an empty directory, a database or a partial build: "
+            "choose a new --out directory"
+        )
+    require_writable(out, is_dir=True, what="database directory")
+    (out / BUILD).mkdir(exist_ok=True)
+    write_json(state_path, plan.as_dict())
+
+
+# ---- shards -------------------------------------------------------------------------------------
+
+
+def _build_shard(
+    out: Path, s: int, shard_ids: np.ndarray, source: Source, encoder: Encoder, batch_size: int, bar
+) -> None:
+    """Embed one shard's ids; write ``_build/shard-s.npy`` then its record ``shard-s.json``."""
+    rows: list[dict] = []  # {id, key, caption, content_hash} of embedded items, in id order
+    skipped: list[dict] = []  # {id, key, reason}
+    chunks: list[np.ndarray] = []
+    for batch in encode_source(source, shard_ids, encoder, batch_size, skipped):
+        for i, h in zip(map(int, batch.ids), batch.hashes, strict=True):
+            rows.append(
+                {"id": i, "key": source.key(i), "caption": source.caption(i), "content_hash": h}
+            )
+        chunks.append(batch.embeddings)
+        bar.update(batch.seen)
+    emb = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), np.float32)
+    npy = save_npy(_shard_build_path(out, s), _unit_float16(emb))  # (rows, d) float16
+    record = {"shard": s, "rows": rows, "skipped": skipped, "sha256": sha256_file(npy)}
+    write_json(_shard_record_path(out, s), record)
+
+
+def _unit_float16(z: np.ndarray) -> np.ndarray:
+    """Renormalise in float32, then store as float16 (norm error ≤ ~1e-3)."""
+    norms = np.linalg.norm(z, axis=1, keepdims=True)
+    return (z / np.maximum(norms, 1e-12)).astype(np.float16)
+
+
+def _shard_build_path(out: Path, s: int) -> Path:
+    return out / BUILD / f"shard-{s:05d}.npy"
+
+
+def _shard_record_path(out: Path, s: int) -> Path:
+    return out / BUILD / f"shard-{s:05d}.json"
+
+
+# ---- finish -------------------------------------------------------------------------------------
+
+
+def _finish(
+    out: Path,
+    plan: _Plan,
+    source: Source,
+    split: str,
+    db_fraction: float,
+    n_shards: int,
+    memory_budget: float,
+    progress: bool,
+) -> None:
+    """All shards done: move them into place, write metadata, index and (last) the manifest.
+    Every step can be redone, so a build killed here also resumes."""
+    records = [read_json(_shard_record_path(out, s), "shard record") for s in range(n_shards)]
+    shards = _move_shards(out, records)
+    rows = [row for r in records for row in r["rows"]]
+    skipped = [item for r in records for item in r["skipped"]]
+    if not rows:
+        raise DatabaseError(
+            f"no image of {source.spec} split {split!r} could be used ({len(skipped)} skipped; "
+            f"reasons in {out / BUILD}); nothing to index"
+        )
+    _write_metadata(out / METADATA, rows, _split_labels(source, split, db_fraction, rows))
+    write_text(out / SKIPPED, "".join(_json_line(s) for s in skipped))
+    emb = np.concatenate([np.load(out / s["file"], allow_pickle=False) for s in shards])
+    index_info = _build_and_save_index(out, emb, memory_budget, progress)
+    identity = content_identity(
+        plan.source, np.array([r["id"] for r in rows], np.int64), plan.encoder
+    )
+    manifest = {
+        "format": FORMAT,
+        "encoder": plan.encoder,
+        "dim": int(emb.shape[1]),
+        "count": len(rows),
+        "source": {**plan.source, "rule": source.split_rule(db_fraction)},
+        "shards": shards,
+        "metadata": {"file": METADATA, "sha256": sha256_file(out / METADATA)},
+        "index": index_info,
+        "skipped": len(skipped),
+        "identity": identity,  # what the database holds: the pairing guards compare this ...
+        "fingerprint": fingerprint_of(identity),
+        "checksum": checksum_of(shards),  # ... and this checks its bytes
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "rdm_version": _rdm_version(),
+    }
+    write_json(out / MANIFEST, manifest)
+    shutil.rmtree(out / BUILD)
+    _note(
+        f"built {out}: {len(rows)} rows, {len(skipped)} skipped, d={manifest['dim']}, "
+        f"index {index_info['type']} recall@{index_info['k']} = {index_info['recall_at_k']:.3f}, "
+        f"fingerprint {manifest['fingerprint']}"
+    )
+
+
+def _move_shards(out: Path, records: list[dict]) -> list[dict]:
+    """Move non-empty ``_build`` shards to ``embeddings/`` (idempotent); their manifest entries."""
+    (out / EMBEDDINGS).mkdir(exist_ok=True)
+    shards = []
+    for r in records:
+        if not r["rows"]:
+            continue
+        final = out / EMBEDDINGS / f"shard-{r['shard']:05d}.npy"
+        built = _shard_build_path(out, r["shard"])
+        if built.is_file():
+            os.replace(built, final)
+        if not final.is_file() or sha256_file(final) != r["sha256"]:
+            raise DatabaseError(
+                f"embeddings shard {r['shard']} of the partial build in {out} is missing or "
+                f"damaged; delete {_shard_record_path(out, r['shard'])} and rerun the build to "
+                "recompute it"
+            )
+        shards.append(
+            {"file": f"{EMBEDDINGS}/{final.name}", "rows": len(r["rows"]), "sha256": r["sha256"]}
+        )
+    return shards
+
+
+def _split_labels(source: Source, split: str, db_fraction: float, rows: list[dict]) -> list[str]:
+    """The split each row belongs to; for ``all``, the finer train / db / test membership."""
+    if split != "all":
+        return [split] * len(rows)
+    ids = np.array([r["id"] for r in rows], dtype=np.int64)
+    labels = np.full(len(ids), "all", dtype=object)
+    for name in ("train", "db", "test"):
+        labels[np.isin(ids, source.split_ids(name, db_fraction))] = name
+    return labels.tolist()
+
+
+def _build_and_save_index(out: Path, emb: np.ndarray, memory_budget: float, progress: bool) -> dict:
+    n, d = emb.shape
+    spec = faiss_index.choose_index(n, d, memory_budget)
+    if progress:
+        _note(f"indexing {n} vectors: {spec.factory(d)} (inner product)")
+    index = faiss_index.build_index(emb, spec)
+    ks = tuple(sorted({min(k, n - 1) for k in RECALL_KS} - {0}))
+    if spec.type == "flat" or not ks:
+        recall, measured_on = (
+            {k: 1.0 for k in RECALL_KS},
+            "exact index (IndexFlatIP): recall 1 by construction",
+        )
+    else:
+        spec, recall = faiss_index.tune_index(index, spec, emb, ks, n_queries=RECALL_QUERIES)
+        measured_on = (
+            f"{min(RECALL_QUERIES, n)} database rows as queries (seed 0), each query's own row "
+            "left out, against exact search"
+        )
+    faiss_index.save_index(index, out / INDEX)
+    return {
+        "type": spec.type,
+        "params": spec.params,
+        "factory": spec.factory(d),
+        "file": INDEX,
+        "sha256": sha256_file(out / INDEX),
+        "recall_at_k": float(recall[min(recall)]),
+        "k": int(min(recall)),
+        "recall_by_k": {str(k): float(r) for k, r in recall.items()},
+        "measured_on": measured_on,
+        "bytes_per_vector": spec.bytes_per_vector(d),
+        "memory_budget": float(memory_budget),
+    }
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+
+def _write_metadata(path: Path, rows: list[dict], splits: list[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "row": pa.array(np.arange(len(rows)), pa.int64()),
+            "id": pa.array([r["id"] for r in rows], pa.int64()),
+            "key": pa.array([r["key"] for r in rows], pa.string()),
+            "caption": pa.array([r["caption"] for r in rows], pa.string()),
+            # sha256 of the decoded pixels (rdm.embedding.content_hash): exact duplicates
+            "content_hash": pa.array([r.get("content_hash", "") for r in rows], pa.string()),
+            "split": pa.array(splits, pa.string()),
+        }
+    )
+    atomic_write(path, lambda tmp: pq.write_table(table, str(tmp)))
+
+
+def _json_line(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False) + "\n"
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="img",
+        desc="embedding",
+        disable=not enabled,
+        smoothing=0.1,
+    )
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _rdm_version() -> str:
+    from rdm import __version__
+
+    return __version__
