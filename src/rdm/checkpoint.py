@@ -8,7 +8,8 @@ A checkpoint is a directory ``RUN/checkpoints/step-XXXXXXX/``::
     optimizer.json          the rest: param_groups (lr, betas, ...) and non-tensor state
     rng.safetensors         torch CPU (and CUDA) generator states as uint8 tensors
     rng.json                numpy and python RNG states
-    state.json              step, data-order position, last loss (written last)
+    state.json              step, data-order position, last loss, the sha256 of each
+                            .safetensors file (written last)
     config.json             the RunConfig
 
 It is written into ``.tmp-step-XXXXXXX`` and renamed into place only when complete, so an
@@ -16,15 +17,19 @@ interrupted save leaves the previous checkpoints untouched; only the newest ``ke
 
 A finished run also holds ``model.safetensors``, ``ema.safetensors`` and ``config.json`` at its
 top level; :func:`load_run` loads those (or the newest checkpoint of an unfinished run).
+
+Weights are checked before they are loaded: :func:`save_weights` records each file's sha256 in
+the run's ``config.json`` (``weights_sha256``), a checkpoint records them in its ``state.json``.
+A file with flipped or missing bytes would otherwise load as valid weights and sample noise.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +38,11 @@ from torch import nn
 
 from rdm.config import RunConfig
 from rdm.errors import RdmError
+from rdm.io import atomic_write, replace_dir, sha256_file, write_json
 
 FORMAT = "rdm-checkpoint/1"
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
+_RESTORE = "restore it from a copy, or retrain the run"
 
 
 class CheckpointError(RdmError):
@@ -45,22 +52,48 @@ class CheckpointError(RdmError):
 # --- weights ------------------------------------------------------------------------------------
 
 
-def save_weights(module: nn.Module, path: str | Path) -> None:
-    """State dict -> safetensors, atomically."""
+def save_weights(module: nn.Module, path: str | Path) -> str:
+    """State dict -> safetensors, atomically; returns the file's sha256.
+
+    When ``path``'s directory holds a run's ``config.json``, the checksum is recorded there too
+    (``weights_sha256``), which is what :func:`load_run` verifies the file against."""
     from safetensors.torch import save_file
 
+    path = Path(path)
     state = _state_dict(module)
-    _atomic(Path(path), lambda tmp: save_file(state, str(tmp)))
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+    digest = sha256_file(path)
+    config_path = path.parent / "config.json"
+    if config_path.is_file():
+        cfg = RunConfig.from_json(config_path)
+        cfg.weights_sha256 = {**cfg.weights_sha256, path.name: digest}
+        cfg.to_json(config_path)
+    return digest
 
 
-def load_weights(module: nn.Module, path: str | Path) -> None:
-    """Load a safetensors state dict into ``module`` (strict: names and shapes must match)."""
+def load_weights(
+    module: nn.Module, path: str | Path, sha256: str | None = None, fix: str = _RESTORE
+) -> None:
+    """Load a safetensors state dict into ``module`` (strict: names and shapes must match).
+
+    ``sha256``: the checksum recorded when the file was written; a file that differs is refused
+    (flipped or missing bytes would load as valid weights and sample noise). ``fix`` ends the
+    message of a damaged file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
-    state = load_file(str(path))
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise CheckpointError(
+            f"weights file {path} does not match the sha256 recorded when it was saved "
+            f"(damaged, truncated or modified); {fix}"
+        )
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"weights file {path} cannot be read ({exc}); {fix}") from None
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -74,7 +107,9 @@ def load_run(run_dir: str | Path, weights: str = "ema", device: str | torch.devi
     """(model, config) of a run directory, ready for sampling (eval mode, no grad).
 
     ``weights`` is "ema" (default, what the paper samples from) or "model". A finished run's
-    top-level weights are used; an unfinished run falls back to its newest checkpoint.
+    top-level weights are used; an unfinished run falls back to its newest checkpoint. The
+    weights are checked against the sha256 that ``config.json`` (or the checkpoint's
+    ``state.json``) recorded; a run saved before rdm recorded checksums loads with a note.
     """
     from rdm.model import RetrievalUNet
 
@@ -83,6 +118,7 @@ def load_run(run_dir: str | Path, weights: str = "ema", device: str | torch.devi
     run_dir = Path(run_dir)
     cfg = RunConfig.from_json(run_dir / "config.json")
     path = run_dir / f"{weights}.safetensors"
+    recorded = cfg.weights_sha256
     if not path.is_file():
         latest = latest_checkpoint(run_dir)
         if latest is None:
@@ -90,9 +126,25 @@ def load_run(run_dir: str | Path, weights: str = "ema", device: str | torch.devi
                 f"{run_dir} has neither {path.name} nor a checkpoint; train it first"
             )
         path = latest / f"{weights}.safetensors"
+        recorded = _read_state(latest).get("weights_sha256", {})
+    sha256 = recorded.get(path.name)
+    if sha256 is None:
+        _note(
+            f"note: no checksum is recorded for {path} (saved by an older rdm); "
+            "loading it unverified"
+        )
     model = RetrievalUNet(cfg.model)
-    load_weights(model, path)
+    load_weights(model, path, sha256, fix=_fix_for(path))
     return model.to(device).eval().requires_grad_(False), cfg
+
+
+def _fix_for(path: Path) -> str:
+    """How to recover from a damaged weights file at ``path``."""
+    if Path(__file__).parent / "assets" in path.resolve().parents:
+        return (
+            "the model shipped with rdm is damaged: reinstall rdm (pip install --force-reinstall)"
+        )
+    return _RESTORE
 
 
 # --- optimizer and RNG state --------------------------------------------------------------------
@@ -177,7 +229,9 @@ def save_checkpoint(
     config: RunConfig,
     keep_last: int,
 ) -> Path:
-    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep_last``."""
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep_last``.
+
+    ``state.json`` is written last and records the sha256 of every tensor file."""
     from safetensors.torch import save_file
 
     final = checkpoint_dir(run_dir, step)
@@ -188,24 +242,24 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}"
     tmp.mkdir()
 
-    save_file(_state_dict(model), str(tmp / "model.safetensors"))
-    save_file(_state_dict(ema), str(tmp / "ema.safetensors"))
     opt_tensors, opt_plain = _optimizer_to_files(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    _write_json(tmp / "optimizer.json", opt_plain)
     rng_tensors, rng_plain = _rng_to_files()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    _write_json(tmp / "rng.json", rng_plain)
+    tensors = {
+        "model.safetensors": _state_dict(model),
+        "ema.safetensors": _state_dict(ema),
+        "optimizer.safetensors": opt_tensors,
+        "rng.safetensors": rng_tensors,
+    }
+    for name, value in tensors.items():
+        save_file(value, str(tmp / name))
+    write_json(tmp / "optimizer.json", opt_plain)
+    write_json(tmp / "rng.json", rng_plain)
     config.to_json(tmp / "config.json")
-    _write_json(tmp / "state.json", {"format": FORMAT, "step": step, **state})  # last: complete
+    checksums = {name: sha256_file(tmp / name) for name in tensors}
+    state = {"format": FORMAT, "step": step, **state, "weights_sha256": checksums}
+    write_json(tmp / "state.json", state)  # last: the checkpoint is complete
 
-    if final.exists():  # re-saving a step (after a resume): swap, never leave a gap
-        old = root / f".old-{final.name}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    replace_dir(tmp, final)  # re-saving a step (after a resume) swaps, never leaves a gap
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -214,44 +268,62 @@ def save_checkpoint(
 def load_checkpoint(
     path: str | Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict:
-    """Restore weights, optimizer and RNG states from a checkpoint; returns its state.json."""
-    from safetensors.torch import load_file
+    """Restore weights, optimizer and RNG states from a checkpoint; returns its state.json.
 
+    Every tensor file is checked against the sha256 in ``state.json`` (a checkpoint saved before
+    rdm recorded them loads with a note)."""
     path = Path(path)
+    fix = "delete it to resume from the one before"
+    state = _read_state(path)
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {state.get('format')!r}, expected {FORMAT}")
+    recorded = state.get("weights_sha256")
+    if recorded is None:
+        _note(f"note: checkpoint {path} records no checksums (saved by an older rdm)")
+        recorded = {}
+    load_weights(model, path / "model.safetensors", recorded.get("model.safetensors"), fix)
+    load_weights(ema, path / "ema.safetensors", recorded.get("ema.safetensors"), fix)
     try:
-        state = json.loads((path / "state.json").read_text())
-        if state.get("format") != FORMAT:
-            raise CheckpointError(f"{path} has format {state.get('format')!r}, expected {FORMAT}")
-        load_weights(model, path / "model.safetensors")
-        load_weights(ema, path / "ema.safetensors")
         opt = _optimizer_from_files(
-            load_file(str(path / "optimizer.safetensors")),
+            _load_tensors(path / "optimizer.safetensors", recorded),
             json.loads((path / "optimizer.json").read_text()),
         )
         optimizer.load_state_dict(opt)
         _rng_from_files(
-            load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text())
+            _load_tensors(path / "rng.safetensors", recorded),
+            json.loads((path / "rng.json").read_text()),
         )
     except (OSError, json.JSONDecodeError, KeyError, ValueError) as exc:
-        raise CheckpointError(
-            f"checkpoint {path} is damaged ({exc}); delete it to resume from the one before"
-        ) from None
+        raise CheckpointError(f"checkpoint {path} is damaged ({exc}); {fix}") from None
     return state
+
+
+def _read_state(checkpoint: Path) -> dict:
+    try:
+        return json.loads((checkpoint / "state.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} is damaged ({exc}); delete it to use the one before"
+        ) from None
+
+
+def _load_tensors(path: Path, recorded: dict) -> dict:
+    """A checkpoint's tensor file, checked against its recorded sha256 when there is one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    sha256 = recorded.get(path.name)
+    if sha256 is not None and (not path.is_file() or sha256_file(path) != sha256):
+        raise ValueError(f"{path.name} does not match the sha256 in state.json")
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise ValueError(f"{path.name} cannot be read: {exc}") from None
 
 
 def _state_dict(module: nn.Module) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
-
-
-def _atomic(path: Path, write) -> None:
-    """Call ``write(tmp)`` then rename ``tmp`` to ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)

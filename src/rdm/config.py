@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rdm.errors import RdmError
+from rdm.io import write_json
 
 PRESETS = ("tiny", "small", "base")
 SCHEDULES = ("scaled_linear", "linear", "cosine")
@@ -204,6 +204,10 @@ class RunConfig:
     db_fingerprint: str = ""
     encoder: dict = field(default_factory=dict)  # encoder identity (see rdm.encoders)
     neighbors_meta: dict = field(default_factory=dict)
+    # {"ema.safetensors": sha256 hex, ...} of the weights beside this config.json, recorded by
+    # rdm.checkpoint.save_weights and verified by load_run (empty for runs saved before); a
+    # record of files, not a setting, so two configs compare equal without it
+    weights_sha256: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.model.latent and self.diffusion.clip_sample:
@@ -216,11 +220,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def to_json(self, path: str | Path) -> None:
-        """Write atomically (``path.tmp`` then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, path)
+        """Write atomically (:func:`rdm.io.write_json`)."""
+        write_json(path, self.to_dict(), indent=2)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> RunConfig:
@@ -233,8 +234,10 @@ class RunConfig:
             d = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path} does not exist: is this a run directory?") from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path} is not valid JSON ({exc}); delete or repair it") from None
+        except OSError as exc:
+            raise ConfigError(f"{path} cannot be read ({exc.strerror or exc})") from None
         return cls.from_dict(d, where=str(path))
 
 

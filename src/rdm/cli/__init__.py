@@ -40,6 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rdm {args.command}: interrupted; finished work is kept", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # Last resort: the loaders and writers turn the OS errors they expect into RdmErrors that
+        # say what to do; one that slips through still gets one line naming the path, no traceback.
+        print(f"rdm {args.command}: error: {_describe_os_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def _describe_os_error(exc: OSError) -> str:
+    paths = [p for p in (exc.filename, exc.filename2) if p is not None]
+    where = f"{' -> '.join(map(str, paths))}: " if paths else ""
+    return f"{where}{exc.strerror or exc}; check the path and its permissions, then rerun"
 
 
 if __name__ == "__main__":
