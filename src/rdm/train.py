@@ -374,9 +374,9 @@ def train(
 
     # Save the final weights beside config.json.
     if main:
+        cfg.to_json(run_dir / "config.json")  # first: save_weights records checksums in it
         save_weights(accelerator.unwrap_model(model), run_dir / "model.safetensors")
         save_weights(ema, run_dir / "ema.safetensors")
-        cfg.to_json(run_dir / "config.json")
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - t_first if t_first else 0.0
     return TrainResult(run_dir, step, loss_value, images / seconds if seconds else float("nan"))
