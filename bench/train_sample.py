@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from rdm.config import preset
 from rdm.diffusion import make_scheduler
 from rdm.model import RetrievalUNet, count_parameters
-from rdm.sampling import get_sampler, guided, initial_noise
+from rdm.sampling import guided, initial_noise, sample
 from rdm.train import image_tensor, train
 
 
@@ -108,8 +108,8 @@ def sampling(cfg, model, n: int, name: str, steps: int, scale: float, bf16: bool
     x_T, gens = initial_noise(range(n), shape)
     start = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        get_sampler(name)(
-            guided(model, context, None, scale), x_T, cfg.diffusion, steps, eta=0.0, generators=gens
+        sample(
+            name, guided(model, context, None, scale), x_T, cfg.diffusion, steps, generators=gens
         )
     return n / (time.perf_counter() - start)
 

@@ -43,6 +43,26 @@ def make_scheduler(cfg: DiffusionConfig):
     return DDPMScheduler(**scheduler_config(cfg))
 
 
+def top_timestep(cfg: DiffusionConfig) -> int:
+    """The timestep samplers start from, with x_T ~ N(0, I): the top of the schedule.
+
+    T − 1, the last trained timestep, for the linear schedules: q(x_{T−1}) is N(0, I) up to
+    √ᾱ_{T−1} = 0.012 (scaled_linear 0.0015 → 0.0195) or 0.005 (linear) times the data, and ᾱ_t
+    shrinks smoothly, so the first step's x_0 estimate (which multiplies ε errors by 1/√ᾱ_t) gets
+    a weight of only √(ᾱ_{t₁}/ᾱ_{T−1}) ≈ 1.2 in the next x_t.
+
+    For the cosine schedule ᾱ_t → 0 like (T − t)² at the end and its last β is capped at 0.999
+    (Nichol & Dhariwal 2021), so ᾱ_{T−1} = 2.4·10⁻⁹ and the first DDIM-50 step from T − 1 would
+    weight ε errors by √(ᾱ₉₇₉/ᾱ₉₉₉) ≈ 630. It starts where DPM-Solver ends the continuous cosine
+    schedule, t/T = 0.9946 ("T = 1 will have numerical issues", Lu et al. 2022's NoiseScheduleVP):
+    timestep 994 of 1000, √ᾱ = 0.008 (a signal level between the two linear schedules' tops).
+    """
+    T = cfg.num_train_timesteps
+    if cfg.schedule == "cosine":
+        return round(0.9946 * T) - 1  # discrete timestep n is continuous time (n + 1)/T
+    return T - 1
+
+
 def diffusion_loss(
     model,
     x0: torch.Tensor,  # (B, C, H, W) clean images or latents

@@ -519,7 +519,7 @@ def _plot_loss(csv_path: Path, png_path: Path) -> None:
 @torch.no_grad()
 def save_sample_grid(model, cfg: RunConfig, dataset: Dataset, vae, path: Path) -> None:
     """Rows: training images, samples from their neighbours (guided), samples from ∅."""
-    from rdm.sampling import get_sampler, guided, initial_noise, to_uint8
+    from rdm.sampling import guided, initial_noise, sample, to_uint8
     from rdm.sheets import image_grid, save_png
 
     sc = cfg.sample
@@ -529,13 +529,13 @@ def save_sample_grid(model, cfg: RunConfig, dataset: Dataset, vae, path: Path) -
     context = torch.stack([c for _, c, _ in items]).to(device)
     seeds = [sc.seed + i for i in range(n)]
     shape = (cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size)
-    sampler = get_sampler(sc.sampler)
     rows = [[Image.fromarray(a) for a in to_uint8(torch.stack([im for im, _, _ in items]))]]
     was_training = model.training
     model.eval()
     for ctx, scale in ((context, sc.guidance_scale), (None, 1.0)):
         x_T, gens = initial_noise(seeds, shape, device)
-        x0 = sampler(
+        x0 = sample(
+            sc.sampler,
             guided(model, ctx, None, scale),
             x_T,
             cfg.diffusion,
