@@ -55,7 +55,7 @@ def setup(tmp_path_factory):
     enc = tiny_encoder_dir(root / "enc", seed=0)
     other = tiny_encoder_dir(root / "other", seed=1)
     db = root / "db"
-    args = ["db", "build", str(images), "--encoder", str(enc), "--out", str(db)]
+    args = ["db", "build", str(images), "--encoder", str(enc), "--split", "all", "--out", str(db)]
     assert main([*args, "--shard-size", "10", "--batch-size", "4", "--no-progress"]) == 0
     return {"root": root, "images": images, "enc": enc, "other": other, "db": db}
 
@@ -70,7 +70,8 @@ def test_build_then_verify(setup, capsys):
 
 
 def test_rebuild_is_a_no_op_and_a_different_encoder_is_refused(setup, capsys):
-    base = ["db", "build", str(setup["images"]), "--out", str(setup["db"]), "--no-progress"]
+    images, db = str(setup["images"]), str(setup["db"])
+    base = ["db", "build", images, "--split", "all", "--out", db, "--no-progress"]
     assert main([*base, "--encoder", str(setup["enc"])]) == 0
     assert "already holds this database" in capsys.readouterr().err
     assert main([*base, "--encoder", str(setup["other"])]) == 2

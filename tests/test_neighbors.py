@@ -1,7 +1,11 @@
-"""Training neighbours: self / near-duplicate exclusion when database and queries overlap (and
-none when disjoint), exactly k per query, p(x̃) against a brute-force count, file round trip, guards."""
+"""Training neighbours: self, exact-duplicate and near-duplicate exclusion (also across splits that
+are disjoint by construction) against a brute-force reference with counts, the derived or given
+threshold recorded, exactly k per query, p(x̃) against a brute-force count, file round trip,
+guards (unwritable output before work, database without content hashes, old files)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -9,6 +13,7 @@ from fakes_retrieval import ProjectionEncoder, TinySource
 
 from rdm import index as fi
 from rdm.database import Database, build_database
+from rdm.embedding import content_hash
 from rdm.errors import IdentityMismatch
 from rdm.neighbors import (
     NeighborsError,
@@ -34,40 +39,60 @@ def db_split(tmp_path_factory):
     return Database.open(build_database(SOURCE, "db", ProjectionEncoder(), root, **BUILD))
 
 
-def run(db: Database, tmp_path, **kwargs):
-    """Neighbours of SOURCE's train split in ``db``, written to and read back from tmp_path."""
+def run(db: Database, tmp_path, source=SOURCE, split="train", **kwargs):
+    """Neighbours of ``source``'s ``split`` in ``db``, written to and read back from tmp_path."""
     kwargs = {"out": tmp_path / "n.safetensors", "progress": False, **kwargs}
-    return load_neighbors(compute_neighbors(db, SOURCE, "train", ProjectionEncoder(), **kwargs))
+    return load_neighbors(compute_neighbors(db, source, split, ProjectionEncoder(), **kwargs))
 
 
-def brute_force(db: Database, source, ids, k, threshold=None):
-    """Reference: rank all rows exactly per query and walk down, skipping excluded ones.
-    Returns rows (N, k) and scores (N, k)."""
-    z = ProjectionEncoder().encode_images([source.load(int(i)) for i in ids])
+def brute_force(db: Database, source, ids, k, threshold):
+    """Reference: rank all rows exactly per query and walk down, skipping the query's own row
+    (same source and id), rows with its content hash and rows with cosine > ``threshold``.
+    Returns rows (N, k), scores (N, k) and the exclusions {self, exact, near} among the
+    candidates ranked above each query's k-th kept one."""
+    images = [source.load(int(i)) for i in ids]
+    z = ProjectionEncoder().encode_images(images)
     z /= np.linalg.norm(z, axis=1, keepdims=True)
     D, I = fi.exact_search(db.vectors(np.arange(db.count)), z, db.count)
-    rows, scores = [], []
+    same_source = db.source_spec == source.spec
+    rows, scores, counts = [], [], {"self": 0, "exact": 0, "near": 0}
     for q, i in enumerate(ids):
-        kept = [
-            (r, d)
-            for r, d in zip(I[q], D[q], strict=True)
-            if threshold is None or (db.ids[r] != i and d <= threshold)
-        ][:k]
+        kept = []
+        for r, d in zip(I[q], D[q], strict=True):
+            if len(kept) == k:
+                break
+            if same_source and db.ids[r] == i:
+                counts["self"] += 1
+            elif db.content_hashes[r] == content_hash(images[q]):
+                counts["exact"] += 1
+            elif d > threshold:
+                counts["near"] += 1
+            else:
+                kept.append((r, d))
         rows.append([r for r, _ in kept])
         scores.append([d for _, d in kept])
-    return np.array(rows), np.array(scores)
+    return np.array(rows), np.array(scores), counts
 
 
 def assert_same_neighbours(nb, reference, atol=1e-5):
     """Scores agree; rows may differ only among ties with the k-th score (exact duplicates)."""
-    ref_rows, ref_scores = reference
+    ref_rows, ref_scores = reference[:2]
     np.testing.assert_allclose(nb.nn_scores, ref_scores, atol=atol)
     for q in range(len(ref_rows)):
         above = ref_scores[q] > ref_scores[q][-1] + atol
         assert set(nb.nn_rows[q][above]) == set(ref_rows[q][above])
 
 
-def test_overlapping_split_excludes_self_and_near_duplicates(db_all, tmp_path):
+def assert_counts(nb, counts):
+    ex = nb.meta["exclusion"]
+    assert (
+        ex["excluded_self"],
+        ex["excluded_exact_duplicates"],
+        ex["excluded_near_duplicates"],
+    ) == (counts["self"], counts["exact"], counts["near"])
+
+
+def test_overlapping_split_excludes_self_and_duplicates(db_all, tmp_path):
     nb = run(db_all, tmp_path, k=5, k_p=2)
     train = SOURCE.split_ids("train")
     readable = train[train != 7]
@@ -75,31 +100,48 @@ def test_overlapping_split_excludes_self_and_near_duplicates(db_all, tmp_path):
     assert nb.nn_rows.shape == (len(readable), 5)
     # never the query itself, never a copy of it (41 <-> 5, 42 <-> 6)
     assert not np.any(nb.nn_ids == nb.query_ids[:, None])
-    assert np.all(nb.nn_scores <= 0.98)
     copies = {(5, 41), (41, 5), (6, 42), (42, 6)}
     assert not any(
         (q, n) in copies for q, row in zip(nb.query_ids, nb.nn_ids, strict=True) for n in row
     )
-    assert_same_neighbours(nb, brute_force(db_all, SOURCE, readable, 5, 0.98))
+    ex = nb.meta["exclusion"]
+    assert ex["enabled"] and ex["threshold_from"] == "derived" and ex["content_hashes"]
+    reference = brute_force(db_all, SOURCE, readable, 5, ex["threshold"])
+    assert_same_neighbours(nb, reference)
+    assert_counts(nb, reference[2])
     np.testing.assert_array_equal(nb.nn_ids, db_all.ids[nb.nn_rows])
     assert np.all(np.diff(nb.nn_scores, axis=1) <= 1e-6)  # best first
-    ex = nb.meta["exclusion"]
-    assert ex["enabled"] and ex["threshold"] == 0.98
     assert ex["excluded_self"] == len(readable)  # every query is in an "all" database
-    assert ex["excluded_near_duplicates"] == len({5, 6, 41, 42} & set(readable.tolist()))
+    # the copies are pixel-identical: caught by the content hash, not by cosine
+    assert ex["excluded_exact_duplicates"] == len({5, 6, 41, 42} & set(readable.tolist()))
+    assert ex["excluded_near_duplicates"] == 0  # seeded noise images: nothing else is a copy
+    assert ex["candidates_kept"] == 5 * len(readable)
+    assert ex["excluded_share"] == pytest.approx(ex["excluded_exact_duplicates"] / (5 * 34))
     skipped = (
         [{"id": 7, "key": "img/0007.png", "reason": "corrupt test image"}] if 7 in train else []
     )
     assert nb.meta["queries"]["skipped"] == skipped
 
 
-def test_disjoint_splits_skip_exclusion(db_split, tmp_path, capsys):
+def test_disjoint_splits_still_exclude_duplicates(db_split, tmp_path, capsys):
+    """train and db share no id, but 41/42 repeat the pictures of 5/6: a copy across the split
+    must not become a neighbour (before, nothing was checked for disjoint splits)."""
     nb = run(db_split, tmp_path, k=4)
-    assert "disjoint by construction" in capsys.readouterr().err
-    assert nb.meta["exclusion"]["enabled"] is False
-    train = SOURCE.split_ids("train")
-    assert_same_neighbours(nb, brute_force(db_split, SOURCE, train[train != 7], 4))
-    assert not set(nb.nn_ids.ravel()) & set(train.tolist())
+    assert "share no item by construction, but may still share pictures" in capsys.readouterr().err
+    ex = nb.meta["exclusion"]
+    assert ex["enabled"] and ex["items_disjoint"]
+    train = set(SOURCE.split_ids("train").tolist()) - {7}
+    db = set(db_split.ids.tolist())
+    crossing = [(q, c) for q, c in ((5, 41), (41, 5), (6, 42), (42, 6)) if q in train and c in db]
+    assert crossing, "the fixture must put a copy on each side of the split"
+    assert ex["excluded_self"] == 0
+    assert ex["excluded_exact_duplicates"] == len(crossing)
+    by_query = dict(zip(nb.query_ids.tolist(), nb.nn_ids.tolist(), strict=True))
+    assert all(c not in by_query[q] for q, c in crossing)
+    reference = brute_force(db_split, SOURCE, nb.query_ids, 4, ex["threshold"])
+    assert_same_neighbours(nb, reference)
+    assert_counts(nb, reference[2])
+    assert not set(nb.nn_ids.ravel()) & train
 
 
 def test_exclusion_searches_deeper_when_the_first_candidates_are_excluded(
@@ -110,7 +152,89 @@ def test_exclusion_searches_deeper_when_the_first_candidates_are_excluded(
     # the first search returns exactly k candidates, so self must be replaced by a deeper search
     monkeypatch.setattr(nbm, "EXTRA", 0)
     nb = run(db_all, tmp_path, k=3, k_p=2)
-    assert_same_neighbours(nb, brute_force(db_all, SOURCE, nb.query_ids, 3, 0.98))
+    reference = brute_force(db_all, SOURCE, nb.query_ids, 3, nb.meta["exclusion"]["threshold"])
+    assert_same_neighbours(nb, reference)
+    assert_counts(nb, reference[2])
+
+
+def test_user_threshold_overrides_and_is_recorded(db_all, tmp_path, capsys):
+    nb = run(db_all, tmp_path, k=4, exclude_threshold=0.3)
+    ex = nb.meta["exclusion"]
+    assert ex["threshold"] == 0.3 and ex["threshold_from"] == "user" and ex["calibration"] is None
+    assert np.all(nb.nn_scores <= 0.3)
+    reference = brute_force(db_all, SOURCE, nb.query_ids, 4, 0.3)
+    assert_same_neighbours(nb, reference)
+    assert_counts(nb, reference[2])
+    assert reference[2]["near"] > 0.01 * 4 * len(nb.query_ids)
+    err = capsys.readouterr().err
+    assert "given by --exclude-threshold" in err and "warning: exclusion removed" in err
+
+
+def test_derived_threshold_is_recorded_with_its_calibration(db_all, tmp_path, capsys):
+    from rdm.duplicates import TRANSFORMS
+
+    nb = run(db_all, tmp_path, k=4)
+    ex = nb.meta["exclusion"]
+    cal = ex["calibration"]
+    assert cal["threshold"] == ex["threshold"] and cal["seed"] == 0
+    assert set(cal["copies"]["transforms"]) == set(TRANSFORMS) == {"jpeg", "resize", "shift"}
+    assert cal["copies"]["sample"] == 34 and cal["distinct"]["sample"] == db_all.count
+    assert ex["threshold"] == pytest.approx(
+        max(cal["copy_low"], cal["distinct_high"] + cal["storage_margin"])
+    )
+    assert "near-duplicate threshold" in capsys.readouterr().err
+    # the same seed derives the same threshold
+    again = run(db_all, tmp_path / "again", k=4).meta["exclusion"]
+    assert again["threshold"] == ex["threshold"]
+
+
+def test_database_without_content_hashes_is_named(db_split, tmp_path, capsys):
+    db = Database.open(db_split.root)
+    db.__dict__["content_hashes"] = None  # as a database built before rdm recorded them
+    nb = run(db, tmp_path, k=4)
+    err = capsys.readouterr().err
+    assert f"warning: database {db.root} was built before rdm recorded content hashes" in err
+    assert "rdm db build fake:tiny --split db" in err
+    assert nb.meta["exclusion"]["content_hashes"] is False
+    assert nb.meta["exclusion"]["excluded_exact_duplicates"] == 0
+
+
+def test_unwritable_output_fails_before_any_encoding(db_split, tmp_path):
+    from rdm.io import OutputError
+
+    encoder = ProjectionEncoder()
+    with pytest.raises(OutputError, match="cannot write neighbours file /proc/rdm-x/n.safetensors"):
+        compute_neighbors(db_split, SOURCE, "train", encoder, out="/proc/rdm-x/n.safetensors")
+    with pytest.raises(OutputError, match=f"neighbours file {tmp_path} is a directory"):
+        compute_neighbors(db_split, SOURCE, "train", encoder, out=tmp_path)
+    assert encoder.calls == 0  # refused before calibration or any query was encoded
+
+
+def test_old_neighbours_files_still_load(tmp_path):
+    """A file written before exclusion recorded kinds and calibration (same format string)."""
+    from safetensors.numpy import save_file
+
+    meta = {
+        "format": "rdm-neighbors/1",
+        "db_fingerprint": "0123456789abcdef",
+        "encoder": ProjectionEncoder().identity,
+        "queries": {"spec": "fake:tiny", "split": "train"},
+        "k": 2,
+        "k_p": 1,
+        "exclusion": {"enabled": False, "threshold": 0.98, "excluded_self": 0},
+    }
+    tensors = {
+        "query_ids": np.array([1, 2]),
+        "nn_rows": np.array([[0, 1], [1, 0]]),
+        "nn_ids": np.array([[3, 4], [4, 3]]),
+        "nn_scores": np.array([[0.9, 0.8], [0.7, 0.6]], np.float32),
+        "pq_counts": np.array([1, 1]),
+        "pq_prob": np.array([0.5, 0.5]),
+    }
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"meta": json.dumps(meta)})
+    nb = load_neighbors(tmp_path / "old.safetensors")
+    assert nb.k == 2 and nb.k_p == 1 and nb.meta["exclusion"]["threshold"] == 0.98
+    np.testing.assert_array_equal(nb.nn_ids, tensors["nn_ids"])
 
 
 def test_pseudo_query_distribution_matches_a_brute_force_count(db_all, tmp_path):
@@ -148,7 +272,10 @@ def test_file_follows_the_contract(db_split, tmp_path):
     assert meta["format"] == "rdm-neighbors/1" and meta["db_fingerprint"] == db_split.fingerprint
     assert meta["queries"]["spec"] == "fake:tiny" and meta["queries"]["split"] == "train"
     assert meta["encoder"] == ProjectionEncoder().identity and meta["k_p"] == 4
-    assert meta["exclusion"] == {**meta["exclusion"], "enabled": False, "threshold": 0.98}
+    ex = meta["exclusion"]
+    assert ex["enabled"] is True and ex["threshold_from"] == "derived"
+    assert 0 < ex["threshold"] <= 1 and ex["calibration"]["threshold"] == ex["threshold"]
+    assert {"excluded_self", "excluded_exact_duplicates", "excluded_near_duplicates"} <= set(ex)
 
 
 def test_default_path_is_inside_the_database(db_split):

@@ -3,11 +3,14 @@
 The model is trained on ε_θ(z_t, t, {φ(y) : y ∈ ξ_k(x, D)}), so each training image's k nearest
 database rows are computed once and stored (k = 20 stored, the first 4 used in the paper).
 
-A training image must not retrieve itself: when the query split and the database may share items
-(same source and overlapping splits, or different sources that may hold the same picture), the
-query's own row (same source, same id) and near-duplicates (cosine > ``exclude_threshold``) are
-dropped, and the search goes deeper until exactly k neighbours remain. When the splits are disjoint
-by construction (``train`` vs ``db`` of one source), nothing is excluded.
+A training image must not retrieve itself (paper §3.1: D is disjoint from X). Whatever the
+splits, three kinds of candidate are dropped, and the search goes deeper until exactly k remain:
+the query's own row (same source, same id), exact pixel duplicates (same content hash, e.g. the
+same picture under two names) and near-duplicates (cosine > the threshold that
+:mod:`rdm.duplicates` derives from what the encoder does to re-encoded copies of a picture, or
+``exclude_threshold`` when given). Splits that are disjoint by construction (``train`` vs ``db``)
+share no item, but a folder split by file name, or a dataset holding the same photo twice, may
+still share pictures, so the check always runs. The counts of each kind are reported and stored.
 
 For unconditional sampling, a pseudo-query x̃ is drawn from the database with (paper §3.3)
 
@@ -23,22 +26,26 @@ File (docs/design.md, "Neighbours file"): safetensors with ``query_ids`` (N,), `
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from rdm.data import BadImage, Source, splits_disjoint
-from rdm.database import Database
+from rdm.data import Source, splits_disjoint
+from rdm.database import Database, rebuild_command
+from rdm.duplicates import calibrate
+from rdm.embedding import encode_source
 from rdm.encoders import Encoder, require_same_identity
 from rdm.errors import IdentityMismatch, RdmError
+from rdm.io import atomic_write, require_writable
 from rdm.pseudo_query import distribution as pseudo_query_distribution
 
 FORMAT = "rdm-neighbors/1"
-#: candidates searched beyond k when exclusion is on (doubled for queries that need more)
+#: candidates searched beyond k (doubled for queries that need more after exclusion)
 EXTRA = 8
+#: warn when exact and near-duplicate exclusions exceed this share of the k·N kept neighbours
+WARN_SHARE = 0.01
 TENSORS = ("query_ids", "nn_rows", "nn_ids", "nn_scores", "pq_counts", "pq_prob")
 
 
@@ -92,30 +99,35 @@ def compute_neighbors(
     encoder: Encoder,
     k: int = 20,
     k_p: int = 4,
-    exclude_threshold: float = 0.98,
+    exclude_threshold: float | None = None,
     batch_size: int = 256,
     out: str | Path | None = None,
     progress: bool = True,
+    seed: int = 0,
 ) -> Path:
     """Find the ``k`` database neighbours of every readable image of ``source``'s ``split`` and
-    write the neighbours file (default ``DB/neighbors-<split>.safetensors``). Returns its path."""
+    write the neighbours file (default ``DB/neighbors-<split>.safetensors``). Returns its path.
+
+    Candidates that are the query itself, an exact pixel duplicate of it, or a near-duplicate
+    (cosine > ``exclude_threshold``; None = derived from the encoder by
+    :func:`rdm.duplicates.calibrate` with ``seed``) are excluded, whatever the splits."""
+    path = Path(out) if out is not None else db.root / f"neighbors-{split}.safetensors"
+    require_writable(path, what="neighbours file")
     _check_arguments(db, k, k_p, exclude_threshold, batch_size)
     db.require_encoder(encoder, f"query encoder {encoder.identity.get('spec', '?')}")
     db_fraction = float(db.manifest["source"]["db_fraction"])
     ids = source.split_ids(split, db_fraction)  # (n,) int64 ascending
-    overlap = not splits_disjoint(db.source_spec, db.split, source.spec, split)
-    if not overlap:
-        _note(
-            f"{source.spec} split {split!r} and the database are disjoint by construction: no exclusion"
-        )
-    exclusion = _Exclusion(overlap, exclude_threshold, db.source_spec == source.spec)
+    exclusion = _exclusion(db, source, split, ids, encoder, exclude_threshold, batch_size, seed)
 
     query_ids, skipped, rows, scores = [], [], [], []
-    for batch_ids, z in _encoded_batches(source, ids, encoder, batch_size, skipped, progress):
-        I, D = _neighbours(db, batch_ids, z, k, exclusion)
-        query_ids.append(batch_ids)
-        rows.append(I)
-        scores.append(D)
+    with _progress_bar(len(ids), progress) as bar:
+        for batch in encode_source(source, ids, encoder, batch_size, skipped):
+            if len(batch.ids):
+                I, D = _neighbours(db, batch.ids, batch.hashes, batch.embeddings, k, exclusion)
+                query_ids.append(batch.ids)
+                rows.append(I)
+                scores.append(D)
+            bar.update(batch.seen)
     if not query_ids:
         raise NeighborsError(
             f"no image of {source.spec} split {split!r} could be read; no neighbours"
@@ -143,96 +155,160 @@ def compute_neighbors(
         },
         "k": k,
         "k_p": k_p,
-        "exclusion": exclusion.as_meta(),
+        "exclusion": exclusion.as_meta(k * len(nn_rows)),
     }
-    path = Path(out) if out is not None else db.root / f"neighbors-{split}.safetensors"
     _save(path, tensors, meta)
-    _note(
-        f"wrote {path}: {len(nn_rows)} queries x {k} neighbours ({len(skipped)} unreadable "
-        f"queries skipped; excluded {exclusion.n_self} self and {exclusion.n_near} near-duplicate "
-        f"matches); p(x̃) covers {int(np.sum(tensors['pq_counts'] > 0))} of {db.count} rows"
-    )
+    _report(path, exclusion, k, len(nn_rows), len(skipped), tensors["pq_counts"], db.count)
     return path
 
 
 @dataclass
 class _Exclusion:
-    """What to drop from a query's candidates, and how many were dropped (for the record)."""
+    """What to drop from a query's candidates, and how many were dropped (for the record).
 
-    enabled: bool
+    Always: the query's own row (same source and id), rows with the query's content hash (exact
+    pixel duplicates) and rows with cosine > ``threshold`` (near-duplicates)."""
+
     threshold: float
+    threshold_from: str  # "derived" (rdm.duplicates.calibrate) or "user" (--exclude-threshold)
     same_source: bool
+    items_disjoint: bool  # rdm.data.splits_disjoint: no shared item, which says nothing of pixels
+    db_hashes: np.ndarray | None  # (N_db,) content hashes, None for a database built before them
+    calibration: dict | None = None
     n_self: int = 0
+    n_exact: int = 0
     n_near: int = 0
 
-    def as_meta(self) -> dict:
+    def as_meta(self, n_kept: int) -> dict:
         return {
-            "enabled": self.enabled,
+            "enabled": True,
             "threshold": self.threshold,
+            "threshold_from": self.threshold_from,
+            "calibration": self.calibration,
+            "items_disjoint": self.items_disjoint,
+            "content_hashes": self.db_hashes is not None,
             "excluded_self": self.n_self,
+            "excluded_exact_duplicates": self.n_exact,
             "excluded_near_duplicates": self.n_near,
+            "candidates_kept": n_kept,
+            "excluded_share": self.share(n_kept),
         }
+
+    def share(self, n_kept: int) -> float:
+        """Exact and near-duplicate exclusions per kept neighbour (k·N); self matches are
+        expected when D overlaps X and are not counted."""
+        return (self.n_exact + self.n_near) / max(n_kept, 1)
+
+
+def _exclusion(db, source, split, ids, encoder, threshold, batch_size, seed) -> _Exclusion:
+    """Decide what is excluded for these queries, calibrating the threshold when none is given."""
+    disjoint = splits_disjoint(db.source_spec, db.split, source.spec, split)
+    if disjoint:
+        _note(
+            f"{source.spec} split {split!r} and the database (split {db.split!r}) share no item "
+            "by construction, but may still share pictures: checking for exact and "
+            "near-duplicates anyway"
+        )
+    hashes = db.content_hashes
+    if hashes is None:
+        _note(
+            f"warning: database {db.root} was built before rdm recorded content hashes, so exact "
+            "pixel duplicates of the queries are caught only if their cosine exceeds the "
+            f"threshold; rebuild it with '{rebuild_command(db.manifest)}' to exclude them always"
+        )
+    calibration = None
+    if threshold is None:
+        cal = calibrate(db, source, ids, encoder, seed=seed, batch_size=batch_size)
+        _note(cal.summary())
+        threshold, calibration = cal.threshold, cal.record
+    else:
+        _note(f"near-duplicate threshold {threshold} (given by --exclude-threshold)")
+    return _Exclusion(
+        threshold=float(threshold),
+        threshold_from="derived" if calibration else "user",
+        same_source=db.source_spec == source.spec,
+        items_disjoint=disjoint,
+        db_hashes=hashes,
+        calibration=calibration,
+    )
 
 
 def _neighbours(
-    db: Database, query_ids: np.ndarray, z: np.ndarray, k: int, ex: _Exclusion
+    db: Database,
+    query_ids: np.ndarray,
+    query_hashes: list[str],
+    z: np.ndarray,
+    k: int,
+    ex: _Exclusion,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exactly ``k`` neighbour rows (B, k) and scores (B, k) per query, after exclusion."""
-    depth = min(k + EXTRA * ex.enabled, db.count)
+    depth = min(k + EXTRA, db.count)
     out_I = np.empty((len(z), k), np.int64)
     out_D = np.empty((len(z), k), np.float32)
+    qh = np.asarray(query_hashes, dtype=object)  # (B,)
     todo = np.arange(len(z))
     while len(todo):
         D, I = db.search(z[todo], depth)  # (b, depth)
-        is_self = ex.enabled & ex.same_source & (db.ids[np.maximum(I, 0)] == query_ids[todo, None])
-        is_near = ex.enabled & (D > ex.threshold) & ~is_self
-        keep = (I >= 0) & ~is_self & ~is_near
+        valid = I >= 0  # FAISS marks missing results with -1
+        rows = np.maximum(I, 0)
+        is_self = valid & ex.same_source & (db.ids[rows] == query_ids[todo, None])
+        is_exact = np.zeros_like(is_self)
+        if ex.db_hashes is not None:
+            h = ex.db_hashes[rows]
+            is_exact = valid & ~is_self & (h == qh[todo, None]) & (h != "")
+        is_near = valid & ~is_self & ~is_exact & (D > ex.threshold)
+        keep = valid & ~is_self & ~is_exact & ~is_near
         enough = keep.sum(axis=1) >= k
         first_k = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # first k kept, rank order
         out_I[todo[enough]] = np.take_along_axis(I, first_k, 1)[enough]
         out_D[todo[enough]] = np.take_along_axis(D, first_k, 1)[enough]
         scanned = (np.cumsum(keep, axis=1) - keep < k)[enough]  # ranks up to the k-th kept one
         ex.n_self += int(is_self[enough][scanned].sum())
+        ex.n_exact += int(is_exact[enough][scanned].sum())
         ex.n_near += int(is_near[enough][scanned].sum())
         todo = todo[~enough]
         if len(todo) and depth == db.count:
             raise NeighborsError(
                 f"query id {query_ids[todo[0]]} has fewer than k={k} database neighbours left after "
-                f"excluding itself and near-duplicates (cosine > {ex.threshold}) from {db.count} "
-                "rows: lower -k or raise --exclude-threshold"
+                f"excluding itself, exact duplicates and near-duplicates (cosine > "
+                f"{ex.threshold:.5f}) from {db.count} rows: lower -k or raise --exclude-threshold"
             )
         depth = min(2 * depth, db.count)
     return out_I, out_D
 
 
-def _encoded_batches(source: Source, ids, encoder: Encoder, batch_size: int, skipped, progress):
-    """Yield (batch ids (b,) int64, embeddings (b, d) float32) of the readable images of ``ids``;
-    unreadable ones are appended to ``skipped`` as {id, key, reason}."""
+def _report(path, ex: _Exclusion, k, n_queries, n_skipped, pq_counts, n_db) -> None:
+    _note(
+        f"wrote {path}: {n_queries} queries x {k} neighbours ({n_skipped} unreadable queries "
+        f"skipped); excluded {ex.n_self} self matches, {ex.n_exact} exact duplicates and "
+        f"{ex.n_near} near-duplicates (cosine > {ex.threshold:.5f}, {ex.threshold_from}); p(x̃) "
+        f"covers {int(np.sum(pq_counts > 0))} of {n_db} rows"
+    )
+    share = ex.share(k * n_queries)
+    if share > WARN_SHARE:
+        _note(
+            f"warning: exclusion removed {ex.n_exact + ex.n_near} candidates, "
+            f"{100 * share:.1f}% of the {k * n_queries} neighbours kept (more than "
+            f"{100 * WARN_SHARE:g}%): either the queries and the database share many pictures, or "
+            f"the threshold {ex.threshold:.5f} excludes distinct images; raise --exclude-threshold "
+            "if the excluded neighbours are not copies"
+        )
+
+
+def _progress_bar(total: int, enabled: bool):
     from tqdm import tqdm
 
-    with tqdm(total=len(ids), unit="img", desc="neighbours", disable=not progress) as bar:
-        for start in range(0, len(ids), batch_size):
-            batch, images = [], []
-            for i in map(int, ids[start : start + batch_size]):
-                try:
-                    images.append(source.load(i))
-                    batch.append(i)
-                except BadImage as exc:
-                    skipped.append({"id": i, "key": source.key(i), "reason": str(exc)})
-            if images:
-                yield (
-                    np.array(batch, np.int64),
-                    np.asarray(encoder.encode_images(images), np.float32),
-                )
-            bar.update(len(ids[start : start + batch_size]))
+    return tqdm(total=total, unit="img", desc="neighbours", disable=not enabled)
 
 
-def _check_arguments(db: Database, k: int, k_p: int, threshold: float, batch_size: int) -> None:
+def _check_arguments(
+    db: Database, k: int, k_p: int, threshold: float | None, batch_size: int
+) -> None:
     if not 1 <= k <= db.count:
         raise NeighborsError(f"-k must lie in 1..{db.count} (the size of {db.root}), got {k}")
     if not 1 <= k_p <= k:
         raise NeighborsError(f"--k-p must lie in 1..k={k}, got {k_p}")
-    if not -1 <= threshold <= 1:
+    if threshold is not None and not -1 <= threshold <= 1:
         raise NeighborsError(f"--exclude-threshold is a cosine in [-1, 1], got {threshold}")
     if batch_size < 1:
         raise NeighborsError(f"--batch-size must be positive, got {batch_size}")
@@ -244,11 +320,9 @@ def _check_arguments(db: Database, k: int, k_p: int, threshold: float, batch_siz
 def _save(path: Path, tensors: dict[str, np.ndarray], meta: dict) -> None:
     from safetensors.numpy import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     arrays = {name: np.ascontiguousarray(tensors[name]) for name in TENSORS}
-    save_file(arrays, str(tmp), metadata={"meta": json.dumps(meta, ensure_ascii=False)})
-    os.replace(tmp, path)
+    metadata = {"meta": json.dumps(meta, ensure_ascii=False)}
+    atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata=metadata))
 
 
 def load_neighbors(path: str | Path) -> Neighbors:

@@ -25,7 +25,13 @@ def register(subparsers) -> None:
     build.add_argument("source", help="a folder of images, 'fashion-mnist[:DIR]', 'emoji-color'…")
     build.add_argument("--out", required=True, type=Path, help="database directory to create")
     build.add_argument("--encoder", default="default", help="encoder spec (default: %(default)s)")
-    build.add_argument("--split", default="all", choices=("all", "train", "db", "test"))
+    build.add_argument(
+        "--split",
+        default="db",
+        choices=("all", "train", "db", "test"),
+        help="items to embed (default: %(default)s, the half disjoint from 'train'; 'all' for a "
+        "database used only at inference)",
+    )
     build.add_argument("--db-fraction", type=float, default=0.5, help="share of keys in 'db'")
     build.add_argument("--batch-size", type=int, default=256, help="images per encoder call")
     build.add_argument("--shard-size", type=int, default=4096, help="ids per resumable shard")
@@ -61,7 +67,12 @@ def register(subparsers) -> None:
     nb.add_argument("--split", default="train", choices=("all", "train", "db", "test"))
     nb.add_argument("-k", type=int, default=20, help="neighbours stored per query")
     nb.add_argument("--k-p", type=int, default=4, help="neighbours counted for p(x̃)")
-    nb.add_argument("--exclude-threshold", type=float, default=0.98, help="near-duplicate cosine")
+    nb.add_argument(
+        "--exclude-threshold",
+        type=float,
+        help="near-duplicate cosine (default: derived from how the encoder scores re-encoded "
+        "copies of the query images and distinct database images; see docs/retrieval.md)",
+    )
     nb.add_argument("--out", type=Path, help="default: DIR/neighbors-SPLIT.safetensors")
     nb.add_argument("--encoder", help="encoder spec (default: the database's own)")
     nb.add_argument("--batch-size", type=int, default=256)
