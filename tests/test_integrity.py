@@ -91,8 +91,9 @@ def test_a_shard_with_flipped_bytes_is_refused_on_use_naming_it_and_the_rebuild(
     assert shard.stat().st_size == size and np.load(shard).shape == (16, 16)
     db = Database.open(copy)
     rebuild = "rdm db build fake:tiny --split all --db-fraction 0.5 --encoder fake-projection:0"
+    db.vectors([0, 15])  # rows of shard 0: shard 1 is not read
     with pytest.raises(DatabaseError, match=f"shard {shard} does not match the sha256") as exc:
-        db.vectors([0])
+        db.vectors([0, 16])
     assert rebuild in str(exc.value) and "\n" not in str(exc.value)
     assert any("shard-00001.npy does not match its checksum" in p for p in verify(copy))
 
@@ -120,15 +121,17 @@ def test_truncated_or_missing_files_are_refused_with_the_path(copy, name, what):
         use(Database.open(copy))
 
 
-def test_a_sound_database_is_hashed_once_per_open(built, monkeypatch):
+def test_each_file_is_hashed_once_and_only_the_shards_used(built, monkeypatch):
     calls = []
     real = dbm.sha256_file
     monkeypatch.setattr(dbm, "sha256_file", lambda p: calls.append(p.name) or real(p))
-    db = Database.open(built)
+    db = Database.open(built)  # 40 rows in shards of 16, 16, 8
     for _ in range(3):
         db.vectors([0, 1]), db.search(db.vectors([2]), 3), db.ids
-    assert sorted(calls) == ["index.faiss", "metadata.parquet", "shard-00000.npy", "shard-00001.npy",
-                             "shard-00002.npy"]  # fmt: skip
+    assert sorted(calls) == ["index.faiss", "metadata.parquet", "shard-00000.npy"]
+    np.testing.assert_array_equal(db.vectors([[39, 0]]), db.embeddings[[[39, 0]]])
+    assert sorted(calls)[-2:] == ["shard-00001.npy", "shard-00002.npy"]
+    assert len(calls) == 5
 
 
 def test_a_damaged_complete_database_is_not_reported_as_built(copy):

@@ -254,16 +254,37 @@ class Database:
 
     @cached_property
     def embeddings(self) -> np.ndarray:
-        """(N, d) float16, unit norm, rows in id order (all shards, each checked, in memory)."""
-        parts = [self._read_shard(s) for s in self.manifest["shards"]]
+        """(N, d) float16, unit norm, rows in id order (every shard checked, then concatenated)."""
+        parts = [self._shard(s) for s in range(len(self.manifest["shards"]))]
         return np.concatenate(parts) if len(parts) != 1 else np.asarray(parts[0])
 
     def vectors(self, rows) -> np.ndarray:
-        """Embeddings of ``rows`` (any shape of ints) as float32 (…, d)."""
+        """Embeddings of ``rows`` (any shape of ints) as float32 (…, d).
+
+        Only the shards holding ``rows`` are read (and checked, once each), so a query touching a
+        few rows of a large database does not hash all of it."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.count):
             raise DatabaseError(f"rows must lie in 0..{self.count - 1} for database {self.root}")
-        return self.embeddings[rows].astype(np.float32)
+        flat = rows.ravel()
+        starts = self._shard_starts  # (S + 1,) first row of each shard, then N
+        shard_of = np.searchsorted(starts, flat, side="right") - 1  # (n,)
+        out = np.empty((flat.size, self.dim), np.float32)
+        for s in np.unique(shard_of):
+            pick = shard_of == s
+            out[pick] = self._shard(int(s))[flat[pick] - starts[s]]
+        return out.reshape(*rows.shape, self.dim)
+
+    @cached_property
+    def _shard_starts(self) -> np.ndarray:
+        return np.cumsum([0] + [int(s["rows"]) for s in self.manifest["shards"]])
+
+    def _shard(self, s: int) -> np.ndarray:
+        """Shard ``s`` (rows, d) float16, memory-mapped; checked against its sha256 on first use."""
+        cache = self.__dict__.setdefault("_shards", {})
+        if s not in cache:
+            cache[s] = self._read_shard(self.manifest["shards"][s])
+        return cache[s]
 
     # -- search --
 
