@@ -45,7 +45,9 @@ def register(subparsers) -> None:
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(func=run_build)
 
-    verify = sub.add_parser("verify", help="check checksums, counts, norms and the index")
+    verify = sub.add_parser(
+        "verify", help="check every file's checksum, counts, norms, identity and the index"
+    )
     verify.add_argument("dir", type=Path)
     verify.set_defaults(func=run_verify)
 
@@ -132,7 +134,8 @@ def run_verify(args: argparse.Namespace) -> int:
     print(
         f"{args.dir}: ok — {db.count} rows (d={db.dim}, {m['skipped']} skipped) of "
         f"{db.source_spec} split {db.split!r}; index {m['index']['type']} "
-        f"recall@{m['index']['k']} {m['index']['recall_at_k']:.3f}; fingerprint {db.fingerprint}"
+        f"recall@{m['index']['k']} {m['index']['recall_at_k']:.3f}; fingerprint {db.fingerprint} "
+        f"(content identity), checksum {db.checksum} (bytes)"
     )
     return 0
 
