@@ -200,6 +200,8 @@ def test_callback_reports_each_step_and_can_cancel(name):
         ([5, -1], r"timesteps\[1\]=-1"),
         ([5.5, 1], r"timesteps\[0\]=5.5: timesteps are integers"),
         (50, "timesteps=50 is a number.*default_timesteps"),
+        (torch.tensor(50), "timesteps=50 is a number"),
+        ([3, True], r"timesteps\[1\]=True: timesteps are integers"),
     ],
 )
 def test_invalid_timesteps_are_refused(name, timesteps, message):
@@ -207,6 +209,20 @@ def test_invalid_timesteps_are_refused(name, timesteps, message):
     with pytest.raises(RdmError, match=message):
         get_sampler(name)(denoise, torch.zeros(1, 1, 2, 2), DiffusionConfig(), timesteps)
     assert denoise.calls == []
+
+
+def test_timesteps_may_be_a_tensor_or_an_array():
+    import numpy as np
+
+    denoise, _ = gaussian_eps(DiffusionConfig())
+    x_T, _ = initial_noise(range(2), (1, 2, 2))
+    ref = ddim(denoise, x_T, DiffusionConfig(), [999, 500, 0])
+    for ts in (
+        torch.tensor([999, 500, 0]),
+        np.array([999, 500, 0]),
+        list(torch.tensor([999, 500, 0])),
+    ):
+        torch.testing.assert_close(ddim(denoise, x_T, DiffusionConfig(), ts), ref, rtol=0, atol=0)
 
 
 def test_step_counts_are_checked():

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -155,26 +156,33 @@ def log_snr_timesteps(alphas_cumprod: torch.Tensor, steps: int, top: int) -> lis
 def check_timesteps(timesteps: Sequence[int], diffusion_cfg: DiffusionConfig) -> list[int]:
     """The timesteps as a list of ints, or an RdmError saying what is wrong with them."""
     T = diffusion_cfg.num_train_timesteps
+    if hasattr(timesteps, "tolist"):  # a tensor or an array
+        timesteps = timesteps.tolist()
     if isinstance(timesteps, numbers.Number):
         raise RdmError(
             f"timesteps={timesteps!r} is a number; samplers take the list of timesteps to evaluate: "
             "pass rdm.sampling.default_timesteps(sampler, cfg, steps), or call "
             "rdm.sampling.sample(sampler, ..., steps)"
         )
-    values = list(timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps)
-    if not values:
-        raise RdmError("timesteps is empty: give at least one timestep to evaluate the model at")
-    for i, t in enumerate(values):
-        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
-            raise RdmError(f"timesteps[{i}]={t!r}: timesteps are integers in 0 … {T - 1}")
+    values = []
+    for i, t in enumerate(timesteps):
+        try:  # ints, numpy ints and integer 0-d tensors; not floats or bools
+            if isinstance(t, bool):
+                raise TypeError
+            t = operator.index(t)
+        except TypeError:
+            raise RdmError(f"timesteps[{i}]={t!r}: timesteps are integers in 0 … {T - 1}") from None
         if not 0 <= t < T:
             raise RdmError(f"timesteps[{i}]={t}: timesteps are the training timesteps 0 … {T - 1}")
-        if i and t >= values[i - 1]:
+        if values and t >= values[-1]:
             raise RdmError(
-                f"timesteps[{i}]={t} is not below timesteps[{i - 1}]={values[i - 1]}: timesteps "
+                f"timesteps[{i}]={t} is not below timesteps[{i - 1}]={values[-1]}: timesteps "
                 "must be strictly decreasing (from noisy to clean, one model evaluation each)"
             )
-    return [int(t) for t in values]
+        values.append(t)
+    if not values:
+        raise RdmError("timesteps is empty: give at least one timestep to evaluate the model at")
+    return values
 
 
 def _check_steps(steps: int, cfg: DiffusionConfig) -> int:
