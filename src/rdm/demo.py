@@ -72,6 +72,7 @@ def demo_train_config(
 
 def run_demo(cfg: DemoConfig) -> dict[str, Path]:
     """Build what is missing, then write ``image.png``, ``text.png`` and ``unconditional.png``."""
+    from rdm import conditioning as C
     from rdm.data import open_source
     from rdm.database import Database, build_database
     from rdm.encoders import load_encoder
@@ -101,19 +102,24 @@ def run_demo(cfg: DemoConfig) -> dict[str, Path]:
     pipe = RDMPipeline.from_pretrained(run_dir, db, neighbors=nn_path, encoder=encoder)
 
     # One grid per inference mode.
-    n = cfg.samples_per_prompt
+    n, k = cfg.samples_per_prompt, pipe.k
     kw = dict(steps=cfg.sampler_steps, guidance_scale=cfg.guidance_scale)
     written = {}
     queries = _query_ids(source)
     prompts = PROMPTS if cfg.source.startswith("fashion-mnist") else _prompts(source, queries)
     for name, conds in {
-        "image": [pipe.image_context(source.load(int(i)), n) for i in queries],
-        "text": [pipe.text_context(p, n) for p in prompts],
-        "unconditional": [pipe.pseudo_query_context(n * len(PROMPTS), top_m=0.01, seed=cfg.seed)],
+        "image": [C.image_context(db, encoder, k, source.load(int(i)), n) for i in queries],
+        "text": [C.text_context(db, encoder, k, p, n) for p in prompts],
+        "unconditional": [
+            C.pseudo_query_context(
+                db, k, n * len(PROMPTS), prob=pipe.pseudo_query_prob, top_m=0.01, seed=cfg.seed
+            )
+        ],
     }.items():
-        cond = _concat(conds)
+        cond = C.concat(conds)
         samples = pipe(cond, list(range(cfg.seed, cfg.seed + len(cond))), **kw)
-        written[name] = save_png(pipe.grid(cond, samples), out / f"{name}.png")
+        grid = C.grid(cond, samples, db, source=source)
+        written[name] = save_png(grid, out / f"{name}.png")
         print(f"rdm demo: wrote {written[name]}")
     print(f"rdm demo: done in {time.perf_counter() - t0:.0f} s (model: {run_dir})")
     return written
@@ -154,16 +160,3 @@ def _prompts(source, ids: list[int]) -> list[str]:
     """Captions of the query images as prompts, for sources other than Fashion-MNIST."""
     captions = [source.caption(i) for i in ids]
     return [c for c in captions if c.strip()] or ["an image"]
-
-
-def _concat(conds):
-    import numpy as np
-
-    from rdm.pipeline import Conditioning
-
-    return Conditioning(
-        np.concatenate([c.context for c in conds]),
-        [r for c in conds for r in c.rows],
-        [lab for c in conds for lab in c.labels],
-        [q for c in conds for q in c.query_images],
-    )

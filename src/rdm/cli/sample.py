@@ -58,8 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rdm import conditioning as C
     from rdm.data import BadImage
     from rdm.data.images import decode_image
+    from rdm.io import require_writable
     from rdm.pipeline import RDMPipeline
     from rdm.sheets import save_png
 
@@ -67,10 +69,11 @@ def run(args: argparse.Namespace) -> int:
         raise RdmError(f"-n {args.num}: ask for at least one image")
     if args.steps is not None and args.steps < 1:
         raise RdmError(f"--steps {args.steps} must be >= 1")
-    _check_writable(args.out)
+    require_writable(args.out, is_dir=True, what="--out")  # before loading and sampling
     pipe = RDMPipeline.from_pretrained(
         args.run, args.db, neighbors=args.neighbors, encoder=args.encoder, weights=args.weights
     )
+    db, k, n = pipe.db, pipe.k, args.num
     if args.image is not None:
         if args.image.is_dir():
             raise RdmError(f"--image {args.image} is a directory; give one image file")
@@ -78,18 +81,25 @@ def run(args: argparse.Namespace) -> int:
             image = decode_image(args.image)
         except BadImage as exc:
             raise RdmError(f"--image {args.image}: {exc}") from None
-        cond = pipe.image_context(image, args.num, include_query=args.include_query)
+        cond = C.image_context(db, pipe.encoder, k, image, n, include_query=args.include_query)
     elif args.text is not None:
-        cond = pipe.text_context(args.text, args.num, mode=args.text_mode)
+        cond = C.text_context(db, pipe.encoder, k, args.text, n, mode=args.text_mode)
     elif args.class_pool is not None:
-        cond = pipe.class_pool_context(
-            args.class_pool, args.num, pool_size=args.pool_size, seed=args.seed
+        cond = C.class_pool_context(
+            db, pipe.encoder, k, args.class_pool, n, pool_size=args.pool_size, seed=args.seed
         )
     else:
-        cond = pipe.pseudo_query_context(
-            args.num, top_m=args.top_m, weighted=args.weighted, uniform=args.uniform, seed=args.seed
+        cond = C.pseudo_query_context(
+            db,
+            k,
+            n,
+            prob=pipe.pseudo_query_prob,
+            top_m=args.top_m,
+            weighted=args.weighted,
+            uniform=args.uniform,
+            seed=args.seed,
         )
-    seeds = list(range(args.seed, args.seed + args.num))
+    seeds = list(range(args.seed, args.seed + n))
     samples = pipe(
         cond,
         seeds,
@@ -101,19 +111,6 @@ def run(args: argparse.Namespace) -> int:
     )
     for seed, image in zip(seeds, samples, strict=True):
         save_png(image, args.out / f"sample-{seed:05d}.png")
-    grid = save_png(pipe.grid(cond, samples), args.out / "grid.png")
+    grid = save_png(C.grid(cond, samples, db), args.out / "grid.png")
     print(f"wrote {len(samples)} samples and {grid} (each row: neighbours, then the sample)")
     return 0
-
-
-def _check_writable(out: Path) -> None:
-    """Fail before sampling, not after, when the output directory cannot be written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".rdm-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise RdmError(
-            f"--out {out} is not writable ({exc.strerror}); choose another directory"
-        ) from None
