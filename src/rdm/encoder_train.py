@@ -40,6 +40,7 @@ import numpy as np
 from rdm.data import BadImage, Source, open_source
 from rdm.encoders import Encoder, load_encoder, normalize, resize_crop, save_local_dir
 from rdm.errors import RdmError
+from rdm.io import require_writable, write_json
 
 ARCH = "rdm-clip-small"
 RECORD_NAME = "train_config.json"
@@ -192,8 +193,7 @@ def _source_pixels(
     chunks = []
     for array in arrays:  # one (1, H, W, 3) array per image, or one for all of Fashion-MNIST
         for start in range(0, len(array), 4096):
-            x = resize_crop(torch.from_numpy(array[start : start + 4096]), cfg)  # (b, 3, S, S)
-            chunks.append((x * 255).round().to(torch.uint8).numpy())
+            chunks.append(resize_crop(torch.from_numpy(array[start : start + 4096]), cfg).numpy())
     pixels = (
         np.concatenate(chunks) if chunks else np.zeros((0, 3, cfg["size"], cfg["size"]), np.uint8)
     )
@@ -274,6 +274,8 @@ def train_clip(cfg: ClipTrainConfig, command: str | None = None) -> Path:
     from tqdm import tqdm
 
     started = time.time()
+    # the output is written after training: check now that it can be (minutes, not hours, lost)
+    require_writable(Path(cfg.out).parent, is_dir=True, what="folder of encoder directory")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     preprocess_cfg = cfg.preprocess_cfg()
@@ -357,7 +359,7 @@ def train_clip(cfg: ClipTrainConfig, command: str | None = None) -> Path:
     )
     if cfg.evaluate:
         record["metrics"] = evaluate_encoder(load_encoder(str(out), device=cfg.device))
-        write_json_atomic(out / RECORD_NAME, record)
+        write_json(out / RECORD_NAME, record, indent=2)
     return out
 
 
@@ -522,12 +524,6 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
     }
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _jsonable(d: dict) -> dict:

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from rdm.errors import IdentityMismatch, RdmError
+from rdm.io import OutputError, replace_dir, require_writable, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -328,59 +328,57 @@ def _check_pixels(pixels: np.ndarray) -> np.ndarray:
 
 def preprocess(pixels: torch.Tensor, cfg: dict) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float32 (B, 3, S, S): resize, crop/pad and normalise like open_clip."""
-    return normalize(resize_crop(pixels, cfg), cfg)
+    from torchvision.transforms.v2 import functional as TF
+
+    x = TF.to_dtype(resize_crop(pixels, cfg), scale=True)  # (B, 3, S, S) float32 in [0, 1]
+    return normalize(x, cfg)
 
 
 def resize_crop(pixels: torch.Tensor, cfg: dict) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, S, S) in [0, 1], resized and center-cropped/padded.
+    """uint8 (B, H, W, 3) -> uint8 (B, 3, S, S), resized and center-cropped (or padded).
 
-    Follows open_clip's eval transform (``image_transform(is_train=False)``) for the three resize
-    modes, but batched in torch; bicubic with antialias, clamped to [0, 1] like PIL's uint8 output.
+    open_clip's eval transform (``image_transform(is_train=False)``) for its three resize modes,
+    batched with torchvision's functional transforms. Resizing stays in uint8 with antialias,
+    torchvision's PIL-compatible kernel, so the result is within one grey level of open_clip's PIL
+    pipeline (which also rounds and clips to uint8 after each pass).
     """
-    import torch.nn.functional as F
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
 
     out_h, out_w = _pair(cfg["size"])
-    x = pixels.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W) in [0, 1]
-    h, w = x.shape[-2:]
+    x = pixels.permute(0, 3, 1, 2)  # (B, 3, H, W) uint8, a view
     mode = cfg.get("resize_mode", "shortest")
-    if mode == "squash":
-        new_h, new_w = out_h, out_w
-    elif mode == "longest":
-        scale = max(h / out_h, w / out_w)
-        new_h, new_w = round(h / scale), round(w / scale)
-    elif out_h == out_w:  # torchvision Resize(int): short side -> size, long side truncated
-        short, long = min(h, w), max(h, w)
-        new_short, new_long = out_h, int(out_h * long / short)
-        new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)
-    else:
-        scale = min(h / out_h, w / out_w)
-        new_h, new_w = round(h / scale), round(w / scale)
-    if (new_h, new_w) != (h, w):
-        interp = cfg.get("interpolation", "bicubic")
-        x = F.interpolate(x, size=(new_h, new_w), mode=interp, antialias=interp != "nearest")
-        x = x.clamp_(0.0, 1.0)
-    return _center_crop_or_pad(x, out_h, out_w, fill=cfg.get("fill_color", 0) / 255.0)
-
-
-def normalize(x: torch.Tensor, cfg: dict) -> torch.Tensor:
-    """(B, 3, S, S) in [0, 1] -> standardised with the model's per-channel mean and std."""
-    import torch
-
-    mean = torch.tensor(cfg["mean"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg["std"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def _center_crop_or_pad(x: torch.Tensor, out_h: int, out_w: int, fill: float) -> torch.Tensor:
-    import torch.nn.functional as F
-
+    size = _resized_size(*x.shape[-2:], out_h, out_w, mode)
+    # as open_clip: bilinear if asked for, else bicubic ("random" is a training-time choice);
+    # its path for "shortest" into a non-square size (ResizeKeepRatio) is always bicubic
+    interpolation = InterpolationMode.BICUBIC
+    if cfg.get("interpolation") == "bilinear" and not (mode == "shortest" and out_h != out_w):
+        interpolation = InterpolationMode.BILINEAR
+    x = TF.resize(x, size, interpolation=interpolation, antialias=True)
     h, w = x.shape[-2:]
     if h < out_h or w < out_w:  # only in "longest" mode: pad evenly with the fill colour
         pad_h, pad_w = max(out_h - h, 0), max(out_w - w, 0)
-        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=fill)
-        h, w = x.shape[-2:]
-    top, left = int(round((h - out_h) / 2.0)), int(round((w - out_w) / 2.0))
-    return x[..., top : top + out_h, left : left + out_w]
+        padding = [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2]  # l, t, r, b
+        x = TF.pad(x, padding, fill=int(cfg.get("fill_color", 0)))
+    return TF.center_crop(x, [out_h, out_w]).contiguous()
+
+
+def _resized_size(h: int, w: int, out_h: int, out_w: int, mode: str) -> list[int]:
+    """torchvision's ``size`` argument for open_clip's resize mode ``mode``."""
+    if mode == "squash":
+        return [out_h, out_w]
+    if mode == "shortest" and out_h == out_w:
+        return [out_h]  # torchvision Resize(int): short side -> size, long side truncated
+    # open_clip's ResizeKeepRatio: the longest ("longest") or shortest side fits
+    ratio = max(h / out_h, w / out_w) if mode == "longest" else min(h / out_h, w / out_w)
+    return [round(h / ratio), round(w / ratio)]
+
+
+def normalize(x: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """float (B, 3, S, S) in [0, 1] -> standardised with the model's per-channel mean and std."""
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.normalize(x, mean=list(cfg["mean"]), std=list(cfg["std"]))
 
 
 def _pair(size) -> tuple[int, int]:
@@ -463,31 +461,31 @@ def save_local_dir(
     """Write ``model`` as an open_clip local dir that :func:`load_encoder` (and open_clip) loads.
 
     Floating tensors are stored as float16 (loading upcasts into the float32 model). The directory
-    is built beside ``out`` and swapped in with renames, so ``out`` is never half-written.
-    ``extra_files`` maps file names to JSON-serialisable objects written alongside.
+    is built beside ``out`` and swapped in with renames (:func:`rdm.io.replace_dir`), so ``out`` is
+    never half-written. ``extra_files`` maps file names to JSON-serialisable objects written
+    alongside. Raises :class:`rdm.io.OutputError` when ``out`` cannot be written.
     """
     from safetensors.torch import save_file
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
+    require_writable(out.parent, is_dir=True, what="folder of encoder directory")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left behind by a killed earlier save
     state = {k: _storage_tensor(v) for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS_NAME))
     config = {"arch": arch, "model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
-    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    for name, obj in (extra_files or {}).items():
-        (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
-    for file in tmp.iterdir():
-        file.chmod(0o666 & ~_umask())
-    _swap_in(tmp, out)
+    try:
+        tmp.mkdir()
+        save_file(state, str(tmp / WEIGHTS_NAME))
+        for name, obj in {CONFIG_NAME: config, **(extra_files or {})}.items():
+            write_json(tmp / name, obj, indent=2)
+        replace_dir(tmp, out)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write encoder directory {out} ({exc.strerror or exc}); choose another --out"
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _storage_tensor(t):
@@ -495,14 +493,3 @@ def _storage_tensor(t):
 
     t = t.detach().cpu().contiguous()
     return t.to(torch.float16) if t.is_floating_point() else t
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace directory ``out`` by ``tmp`` with renames only."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old)
