@@ -26,11 +26,11 @@ def numpy_knn(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
 
 
 def check_knn_with_ties(D_ref, I_ref, D, I, atol=1e-5):
-    """Scores must agree; ids may differ only among equal scores (faiss check_ref_knn_with_draws)."""
-    np.testing.assert_allclose(D, D_ref, atol=atol)
-    for q in range(len(I)):
-        same = np.abs(D_ref[q] - D_ref[q][-1]) > atol  # positions strictly above the k-th score
-        assert set(I[q][same]) == set(I_ref[q][same])
+    """Scores must agree; ids may differ only among equal scores, and among those tied at the
+    k-th place (faiss.contrib.evaluation.check_ref_knn_with_draws, which raises otherwise)."""
+    from faiss.contrib.evaluation import check_ref_knn_with_draws
+
+    check_ref_knn_with_draws(D_ref, I_ref, D, I, rtol=0, atol=atol)
 
 
 # ---- choice -------------------------------------------------------------------------------------
@@ -93,6 +93,17 @@ def test_exact_search_matches_reference_across_chunks(monkeypatch):
     xb = clustered(3000, 16)
     xq = clustered(20, 16, seed=2)
     check_knn_with_ties(*numpy_knn(xb, xq, 7), *fi.exact_search(xb, xq, 7))
+    # k beyond the database (and beyond a chunk) gives every row once, never a -1 filler
+    D, I = fi.exact_search(xb[:900], xq, 1000)
+    assert I.shape == (20, 900) and (np.sort(I, axis=1) == np.arange(900)).all()
+    check_knn_with_ties(*numpy_knn(xb[:900], xq, 900), D, I)
+
+
+def test_exact_search_orders_ties_by_row():
+    xb = np.repeat(clustered(50, 8), 3, axis=0)  # rows 3i, 3i+1, 3i+2 are the same vector
+    D, I = fi.exact_search(xb, xb[::3], 6)
+    np.testing.assert_array_equal(I[:, :3], np.arange(0, 150, 3)[:, None] + np.arange(3))
+    assert (np.diff(D, axis=1) <= 0).all()
 
 
 def test_ties_are_tolerated():
@@ -143,12 +154,27 @@ def test_save_load_round_trip_keeps_search_params(tmp_path, monkeypatch):
     spec = IndexSpec("hnsw", {"M": 8, "efConstruction": 40, "efSearch": 48})
     index = fi.build_index(xb, spec)
     fi.save_index(index, tmp_path / "i.faiss")
-    assert not (tmp_path / "i.faiss.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["i.faiss"]  # no temporary file left
     loaded = fi.load_index(tmp_path / "i.faiss", spec)
     import faiss
 
     assert faiss.downcast_index(loaded).hnsw.efSearch == 48
     np.testing.assert_array_equal(fi.search(loaded, xb[:5], 3)[1], fi.search(index, xb[:5], 3)[1])
+
+
+def test_save_index_writes_faiss_bytes_and_names_an_unwritable_path(tmp_path):
+    import faiss
+
+    from rdm.io import OutputError
+
+    index = fi.build_index(clustered(300, 8), IndexSpec("flat"))
+    fi.save_index(index, tmp_path / "ours.faiss")
+    faiss.write_index(index, str(tmp_path / "faiss.faiss"))
+    assert (tmp_path / "ours.faiss").read_bytes() == (tmp_path / "faiss.faiss").read_bytes()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="cannot write") as info:  # not FAISS's RuntimeError
+        fi.save_index(index, tmp_path / "file" / "i.faiss")
+    assert str(tmp_path / "file" / "i.faiss") in str(info.value)
 
 
 def test_truncated_or_missing_index_file_is_a_clear_error(tmp_path):

@@ -21,13 +21,13 @@ the build until sampled queries reach :data:`TARGET_RECALL` against exact search
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from rdm.errors import RdmError
+from rdm.io import atomic_write
 
 #: at most this many vectors are searched exactly (a 200k × 512 flat scan costs ~0.1 GFLOP/query)
 EXACT_MAX_N = 200_000
@@ -154,13 +154,17 @@ def set_search_params(index, spec: IndexSpec) -> None:
 
 
 def save_index(index, path: str | Path) -> None:
-    """Write ``index`` to ``path`` atomically (``path.tmp`` then rename)."""
+    """Write ``index`` to ``path`` atomically (:func:`rdm.io.atomic_write`); raises
+    :class:`rdm.io.OutputError` when it cannot be written."""
     import faiss
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        # Python opens and writes the file, so a failure is an OSError (FAISS's own file writer
+        # raises RuntimeError); the bytes are those of faiss.write_index(index, filename)
+        with open(tmp, "wb") as f:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+
+    atomic_write(path, write)
 
 
 def load_index(path: str | Path, spec: IndexSpec | None = None):
@@ -197,28 +201,19 @@ def search(index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def exact_search(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Numpy brute force (matmul + argpartition over chunks of ``xb``): the reference for recall
-    and for tests. Same ``(D, I)`` convention as :func:`search`, sorted by score then row."""
+    """Exact top-``k`` by brute force, the reference for recall: faiss.contrib's
+    ``knn_ground_truth`` (a flat inner-product scan per chunk of ``xb``, merged in a result heap),
+    so only one float32 chunk of a float16 memmap is materialised at a time. Same ``(D, I)``
+    convention as :func:`search`, sorted by score then row."""
+    import faiss
+    from faiss.contrib.exhaustive_search import knn_ground_truth
+
     xq = _f32(np.atleast_2d(xq))
     k = min(k, xb.shape[0])
-    best_D = np.zeros((len(xq), 0), np.float32)
-    best_I = np.zeros((len(xq), 0), np.int64)
-    for start in range(0, xb.shape[0], CHUNK):
-        scores = xq @ _f32(xb[start : start + CHUNK]).T  # (B, chunk)
-        top = _top(scores, k)  # (B, ≤k) columns of this chunk's best
-        D = np.concatenate([best_D, np.take_along_axis(scores, top, 1)], axis=1)
-        I = np.concatenate([best_I, top + start], axis=1)
-        top = _top(D, k)  # merge with the best so far
-        best_D, best_I = np.take_along_axis(D, top, 1), np.take_along_axis(I, top, 1)
-    order = np.lexsort((best_I, -best_D), axis=1)  # by score descending, then row ascending
-    return np.take_along_axis(best_D, order, 1), np.take_along_axis(best_I, order, 1)
-
-
-def _top(scores: np.ndarray, k: int) -> np.ndarray:
-    """Column indices (B, min(k, C)) of each row's k largest scores, unordered."""
-    if scores.shape[1] <= k:
-        return np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
-    return np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    chunks = (_f32(xb[start : start + CHUNK]) for start in range(0, xb.shape[0], CHUNK))
+    D, I = knn_ground_truth(xq, chunks, k, metric_type=faiss.METRIC_INNER_PRODUCT, ngpu=0)
+    order = np.lexsort((I, -D), axis=1)  # by score descending, then row ascending
+    return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
 
 
 # ---- recall -------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ reported in a second, not after an hour of encoding.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -41,7 +42,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     except OSError as exc:
         raise OutputError(_cannot_write(path, exc)) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. a parent that is a file: no tmp exists
+            tmp.unlink(missing_ok=True)
     return path
 
 
