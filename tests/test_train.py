@@ -97,6 +97,49 @@ def test_bf16_autocast_trains(tmp_path):
     assert weights(tmp_path / "model.safetensors")["null"].dtype == torch.float32  # fp32 master
 
 
+def test_runs_in_one_process_switch_precision_without_resetting_accelerate(tmp_path, monkeypatch):
+    """fp32, bf16, fp32 in one process: each run's forward pass computes in its own precision,
+    and accelerate's process-wide state is never reset (its private _reset_state refuses)."""
+    from accelerate.state import AcceleratorState
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("train() reset accelerate's private state")
+
+    monkeypatch.setattr(AcceleratorState, "_reset_state", staticmethod(refuse))
+    conv_dtypes: list[torch.dtype] = []
+    real_loss = rdm.train.diffusion_loss
+
+    def loss_recording_conv_dtype(model, *args, **kwargs):
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        hook = conv.register_forward_hook(lambda m, i, out: conv_dtypes.append(out.dtype))
+        try:
+            return real_loss(model, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(rdm.train, "diffusion_loss", loss_recording_conv_dtype)
+    results, dtypes = [], []
+    for i, precision in enumerate(("no", "bf16", "no")):
+        cfg = tiny_cfg(steps=2, checkpoint_every=2)
+        cfg.train.mixed_precision = precision
+        conv_dtypes.clear()
+        results.append(train(cfg, tmp_path / str(i), tiny_dataset(), progress=False))
+        dtypes.append(set(conv_dtypes))
+    assert dtypes == [{torch.float32}, {torch.bfloat16}, {torch.float32}]
+    assert results[2].loss == results[0].loss  # the bf16 run left nothing behind
+    assert_same_weights(tmp_path / "0/model.safetensors", tmp_path / "2/model.safetensors")
+
+
+def test_loss_csv_is_cut_back_to_the_resumed_step(tmp_path):
+    path = tmp_path / "loss.csv"
+    path.write_text("step,loss,lr\n1,0.5,0.1\n2,0.4,0.1\n3,0.3,0.1\n4,0.2")  # a torn last row
+    rdm.train._truncate_loss_csv(path, 2)
+    assert read_loss_csv(path) == [(1, 0.5), (2, 0.4)]
+    rdm.train._truncate_loss_csv(path, 0)  # a fresh run: the header only
+    assert path.read_text().splitlines() == ["step,loss,lr"]
+    assert [p.name for p in tmp_path.iterdir()] == ["loss.csv"]  # no temporary file left
+
+
 def test_checkpoint_contents_and_keep_last(tmp_path):
     cfg = tiny_cfg(steps=4, checkpoint_every=1)
     train(cfg, tmp_path, tiny_dataset(), progress=False)

@@ -7,15 +7,14 @@ a query's neighbours, then its samples). ``save_png`` writes either atomically.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from rdm.errors import RdmError
+from rdm.io import atomic_write, require_writable
 
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
@@ -102,20 +101,10 @@ def image_grid(
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write ``image`` as PNG to ``path`` atomically (``path.tmp`` then rename); create parents."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)  # leave no half-written file behind
-        raise RdmError(
-            f"cannot write PNG {str(path)!r}: {exc.strerror or exc}; choose a writable location"
-        ) from None
-    return path
+    """Write ``image`` as PNG to ``path`` atomically (:func:`rdm.io.atomic_write`); create
+    parents. Raises :class:`rdm.io.OutputError` naming ``path`` when it cannot be written."""
+    require_writable(path, what="PNG")
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _paste_fitted(canvas: Image.Image, image: Image.Image, xy: tuple[int, int], cell: int) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import csv
 import math
-import os
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from rdm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, 
 from rdm.config import RunConfig, TrainConfig
 from rdm.diffusion import diffusion_loss, make_scheduler
 from rdm.errors import IdentityMismatch, RdmError
+from rdm.io import atomic_write
 from rdm.model import RetrievalUNet, count_parameters, decode, encode, load_vae
 
 # TrainConfig fields that may change when a run is resumed (they do not alter the trajectory)
@@ -261,7 +261,7 @@ def train(
 
     tc = cfg.train
     run_dir = Path(run_dir)
-    accelerator = _accelerator(tc.mixed_precision)
+    accelerator = _accelerator()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
 
@@ -316,7 +316,8 @@ def train(
             group["lr"] = lr
         g = step_generator(tc.seed, step, rank)
         x0 = encode(vae, images_batch.to(device), cfg.model, g)
-        loss = diffusion_loss(model, x0, context.to(device), scheduler, g, tc.p_uncond)
+        with _autocast(device, tc.mixed_precision):
+            loss = diffusion_loss(model, x0, context.to(device), scheduler, g, tc.p_uncond)
         loss_value = accelerator.reduce(loss.detach(), "mean").item()
         if not math.isfinite(loss_value):
             last = latest_checkpoint(run_dir)
@@ -385,19 +386,22 @@ def train(
 # --- helpers of the loop ------------------------------------------------------------------------
 
 
-def _accelerator(mixed_precision: str):
-    """An Accelerator; in a single process, a later run may use another precision than the first."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
+def _accelerator():
+    """An fp32 Accelerator (devices, processes, gradient sync); precision is :func:`_autocast`'s.
 
-    shared = AcceleratorState._shared_state
-    if (
-        shared
-        and shared.get("_mixed_precision") != mixed_precision
-        and PartialState().num_processes == 1
-    ):
-        AcceleratorState._reset_state()  # accelerate keeps one global state per process
-    return Accelerator(mixed_precision=mixed_precision)
+    accelerate keeps one process-wide state whose precision is fixed by the first Accelerator, so
+    a second run in the same process could not change it; every run asks for the same "no" and
+    sets its own precision (``--mixed-precision`` wins over ``accelerate launch``'s flag).
+    """
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision="no")
+
+
+def _autocast(device: torch.device, mixed_precision: str):
+    """bf16 autocast for the forward pass and loss when ``mixed_precision == "bf16"``: what
+    accelerate's bf16 mode does (no gradient scaling is needed for bf16); weights stay fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
 
 
 def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
@@ -473,12 +477,14 @@ def _truncate_loss_csv(path: Path, step: int) -> None:
             kept = [
                 r for r in csv.reader(f) if len(r) == 3 and r[0].isdigit() and int(r[0]) <= step
             ]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "loss", "lr"])
-        w.writerows(kept)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "loss", "lr"])
+            w.writerows(kept)
+
+    atomic_write(path, write)
 
 
 def _append_loss_csv(path: Path, rows: list[tuple[int, float, float]]) -> None:
@@ -510,10 +516,10 @@ def _plot_loss(csv_path: Path, png_path: Path) -> None:
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
-    tmp = png_path.with_name(png_path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
 
 
 @torch.no_grad()
