@@ -361,3 +361,12 @@ def test_cli_bad_input_gets_a_clear_error(world, tmp_path, capsys, extra, messag
 def test_cli_refuses_a_run_directory_that_is_not_one(world, tmp_path, capsys):
     assert main(["sample", str(tmp_path), "--unconditional", "--out", str(tmp_path / "o")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_cli_checks_the_output_before_loading_anything(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "out"  # under a regular file: cannot be created
+    assert main(["sample", str(tmp_path / "no-run"), "--unconditional", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and str(out) in err and "Traceback" not in err

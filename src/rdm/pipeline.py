@@ -236,7 +236,7 @@ class RDMPipeline:
                 eta=eta,
                 generators=gens,
                 callback=_in_batch(callback, b, len(starts)),
-                progress=False,
+                progress=progress and len(starts) == 1,  # one batch: a bar over its steps
             )
             images += [
                 Image.fromarray(p) for p in to_uint8(decode(self.vae, x0, self.config.model))
