@@ -140,7 +140,7 @@ def load_run(run_dir: str | Path, weights: str = "ema", device: str | torch.devi
 
 def _fix_for(path: Path) -> str:
     """How to recover from a damaged weights file at ``path``."""
-    if Path(__file__).parent / "assets" in path.resolve().parents:
+    if Path(__file__).resolve().parent / "assets" in path.resolve().parents:
         return (
             "the model shipped with rdm is damaged: reinstall rdm (pip install --force-reinstall)"
         )
