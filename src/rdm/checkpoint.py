@@ -142,7 +142,8 @@ def _fix_for(path: Path) -> str:
     """How to recover from a damaged weights file at ``path``."""
     if Path(__file__).resolve().parent / "assets" in path.resolve().parents:
         return (
-            "the model shipped with rdm is damaged: reinstall rdm (pip install --force-reinstall)"
+            "the model shipped with rdm is damaged: reinstall rdm (in a git checkout, restore "
+            "src/rdm/assets from the repository)"
         )
     return _RESTORE
 
