@@ -180,7 +180,7 @@ def test_derived_threshold_is_recorded_with_its_calibration(db_all, tmp_path, ca
     assert set(cal["copies"]["transforms"]) == set(TRANSFORMS) == {"jpeg", "resize", "shift"}
     assert cal["copies"]["sample"] == 34 and cal["distinct"]["sample"] == db_all.count
     assert ex["threshold"] == pytest.approx(
-        max(cal["copy_low"], cal["distinct_high"] + cal["storage_margin"])
+        max(cal["copy_low"], cal["distinct_high"] + cal["margin"])
     )
     assert "near-duplicate threshold" in capsys.readouterr().err
     # the same seed derives the same threshold

@@ -16,10 +16,11 @@ reach 0.999, so a fixed constant (0.98 before) excluded hundreds of distinct ima
   the scale of this database. Random pairs would not do: a query's candidates are the top of N
   database items, so the relevant tail is the nearest neighbour's, not a random pair's.
 
-threshold = max(copy_low, distinct_high + 2^-11), with copy_low the :data:`COPY_QUANTILE` (1%)
+threshold = max(copy_low, distinct_high + margin), with copy_low the :data:`COPY_QUANTILE` (1%)
 quantile of all copy cosines and distinct_high the :data:`DISTINCT_QUANTILE` (99%) quantile of the
-nearest-distinct cosines (both taken as observed values, ``method="lower"`` / ``"higher"``; 2^-11
-is :data:`STORAGE_MARGIN`, the float16 rounding of stored rows). When the two separate,
+nearest-distinct cosines (both taken as observed values, ``method="lower"`` / ``"higher"``), and
+margin the most float16 storage / bf16 batch noise moves that cosine (:data:`ROW_NOISE`,
+:func:`noise_margin`: 7e-5 at c = 0.9993). When the two separate,
 everything as similar as 99% of the copies is excluded; when they overlap
 (copy_low < distinct_high: the encoder cannot tell some copies from distinct images) the
 threshold follows the distinct images, so at most ~1% of database images lose a distinct
@@ -53,11 +54,13 @@ COPY_SAMPLE = 256
 DISTINCT_SAMPLE = 1024
 #: neighbours searched per sampled database row to find its nearest distinct one
 DISTINCT_DEPTH = 16
-#: database rows are stored float16, so a query's cosine to a row differs from the stored-vs-stored
-#: cosine measured here by at most ||q32 - q16|| <= 2^-11 (float16 rounds each coordinate to 11
-#: significant bits): the threshold sits this far above the distinct images' quantile, so the
-#: most similar distinct pair measured is not excluded by rounding
-STORAGE_MARGIN = 2.0**-11
+#: how far a query's embedding may sit from the stored embedding of the same picture: float16
+#: storage rounds each coordinate to 11 significant bits (||q - q16|| <= 2^-11), and under bf16
+#: autocast a row changes by ~1e-3 with the batch it is encoded in. Moving a unit vector by δ
+#: changes its cosine c to another one by at most δ·sqrt(1 - c²), so the threshold sits
+#: ROW_NOISE·sqrt(1 - c²) above the distinct images' quantile c: the most similar distinct pair
+#: measured here is not excluded at query time by rounding alone
+ROW_NOISE = 2e-3
 JPEG_QUALITY = 90
 RESIZE_PIXELS = 4
 SHIFT_PIXELS = 1
@@ -150,20 +153,23 @@ def derive_threshold(copies: dict[str, np.ndarray], distinct: np.ndarray) -> Cal
     distinct_high = (
         float(np.quantile(distinct, DISTINCT_QUANTILE, method="higher")) if distinct.size else None
     )
-    floor = None if distinct_high is None else distinct_high + STORAGE_MARGIN
+    margin = 0.0 if distinct_high is None else noise_margin(distinct_high)
+    floor = None if distinct_high is None else distinct_high + margin
     measured = [v for v in (copy_low, floor) if v is not None]
     threshold = min(1.0, max(measured)) if measured else 1.0
     overlap = copy_low is not None and distinct_high is not None and copy_low < distinct_high
     recognised = {name: float(np.mean(np.asarray(c) > threshold)) for name, c in copies.items()}
     record = {
         "rule": (
-            "threshold = min(1, max(copy_low, distinct_high + storage_margin)): copy_low = "
+            "threshold = min(1, max(copy_low, distinct_high + margin)): copy_low = "
             f"{_key(COPY_QUANTILE)} quantile of cos(image, copy) over all transforms; "
             f"distinct_high = {_key(DISTINCT_QUANTILE)} quantile of cos(database image, nearest "
-            "other database image that is not an exact pixel duplicate); storage_margin = 2^-11, "
-            "the float16 rounding bound of a stored cosine"
+            "other database image that is not an exact pixel duplicate); margin = row_noise * "
+            "sqrt(1 - distinct_high^2), the most a query's float16 / bf16 rounding moves that "
+            "cosine"
         ),
-        "storage_margin": STORAGE_MARGIN,
+        "row_noise": ROW_NOISE,
+        "margin": margin,
         "copy_quantile": COPY_QUANTILE,
         "distinct_quantile": DISTINCT_QUANTILE,
         "copy_low": copy_low,
@@ -183,6 +189,11 @@ def derive_threshold(copies: dict[str, np.ndarray], distinct: np.ndarray) -> Cal
         ),
     }
     return Calibration(threshold, copy_low, distinct_high, overlap, recognised, record)
+
+
+def noise_margin(c: float) -> float:
+    """The most a cosine ``c`` moves when one of its unit vectors moves by :data:`ROW_NOISE`."""
+    return ROW_NOISE * float(np.sqrt(max(0.0, 1.0 - c * c)))
 
 
 def copy_cosines(
