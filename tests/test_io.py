@@ -64,3 +64,26 @@ def test_require_writable_refuses_before_work(tmp_path):
         require_writable("/proc/rdm-x/out.bin")
     with pytest.raises(OutputError, match="is a directory"):
         require_writable(tmp_path)
+
+
+def test_replace_dir_puts_the_old_directory_back_when_the_swap_fails(tmp_path, monkeypatch):
+    import os
+
+    import rdm.io
+
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    out.mkdir()
+    (out / "old").write_text("old")
+    tmp.mkdir()
+    real, calls = os.replace, []
+
+    def flaky(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:  # the rename of tmp onto out
+            raise OSError(28, "No space left on device")
+        return real(a, b)
+
+    monkeypatch.setattr(rdm.io.os, "replace", flaky)
+    with pytest.raises(OutputError, match="out"):
+        replace_dir(tmp, out)
+    assert (out / "old").read_text() == "old"

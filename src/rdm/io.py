@@ -65,14 +65,22 @@ def save_npy(path: str | Path, array: np.ndarray) -> Path:
 
 def replace_dir(tmp: str | Path, out: str | Path) -> Path:
     """Move the finished directory ``tmp`` onto ``out`` with renames only: ``out`` is never
-    missing or half-written (an old ``out`` is renamed aside first and deleted last)."""
+    half-written. An old ``out`` is renamed aside first, put back if the second rename fails, and
+    deleted last (between the two renames, a moment, ``out`` does not exist)."""
     tmp, out = Path(tmp), Path(out)
-    if not out.exists():
-        os.replace(tmp, out)
-        return out
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        if not out.exists():
+            os.replace(tmp, out)
+            return out
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            os.replace(old, out)  # the previous directory back in place
+            raise
+    except OSError as exc:
+        raise OutputError(_cannot_write(out, exc)) from None
     shutil.rmtree(old, ignore_errors=True)
     return out
 
