@@ -214,7 +214,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 def test_run_dir_errors(tmp_path):
     cfg, data = tiny_cfg(steps=2, checkpoint_every=2), tiny_dataset()
     (tmp_path / "file").write_text("x")
-    with pytest.raises(RdmError, match="cannot write to run directory"):
+    with pytest.raises(RdmError, match="cannot write run directory .*file"):
         train(cfg, tmp_path / "file" / "run", data, progress=False)
 
     train(cfg, tmp_path / "run", data, progress=False)

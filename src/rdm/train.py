@@ -25,7 +25,7 @@ from rdm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, 
 from rdm.config import RunConfig, TrainConfig
 from rdm.diffusion import diffusion_loss, make_scheduler
 from rdm.errors import IdentityMismatch, RdmError
-from rdm.io import atomic_write
+from rdm.io import atomic_write, require_writable
 from rdm.model import RetrievalUNet, count_parameters, decode, encode, load_vae
 
 # TrainConfig fields that may change when a run is resumed (they do not alter the trajectory)
@@ -406,15 +406,7 @@ def _autocast(device: torch.device, mixed_precision: str):
 
 def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
     """Create ``run_dir`` or check that ``cfg`` may resume the run in it; write config.json."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise RdmError(
-            f"cannot write to run directory {run_dir} ({exc.strerror or exc}); choose a writable --out"
-        ) from None
+    require_writable(run_dir, is_dir=True, what="run directory")
     config_path = run_dir / "config.json"
     if not config_path.exists():
         cfg.to_json(config_path)
