@@ -36,6 +36,11 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0, help="calibration seed")
     parser.add_argument("--fixed", type=float, nargs="*", default=[], help="fixed thresholds")
+    parser.add_argument(
+        "--pixels",
+        action="store_true",
+        help="D = X: how different in pixels the pairs above the derived threshold are",
+    )
     args = parser.parse_args()
 
     import torch
@@ -54,6 +59,8 @@ def main() -> None:
         path = db.root / f"neighbors-train{suffix}.safetensors"
         seconds = _neighbours(db, source, encoder, path, args.k, fixed, args.seed)
         _print_case(name, db, source, path, seconds)
+    if args.pixels:
+        _pixel_differences(args.work / "fm-train-db", source, args.seed)
 
 
 def _database(root: Path, source, split: str, encoder):
@@ -117,6 +124,37 @@ def _print_case(name: str, db, source, path: Path, seconds: float | None) -> Non
         f"{100 * ex['excluded_share']:.3f}% of k*N = {kept})"
     )
     print(f"  class agreement of the {K_AGREE} neighbours: {agree:.4f}")
+
+
+def _pixel_differences(root: Path, source, seed: int) -> None:
+    """Mean |pixel difference| (0..255) of the D = X pairs the derived threshold excludes (stored
+    vectors, each row against its nearest other rows), beside that of a JPEG re-save."""
+    from rdm.database import Database
+    from rdm.duplicates import jpeg_copy
+    from rdm.neighbors import EXTRA, load_neighbors
+
+    db = Database.open(root)
+    nb = load_neighbors(root / "neighbors-train.safetensors")
+    t, depth = nb.meta["exclusion"]["threshold"], nb.k + EXTRA
+    scores, rows = db.search(db.vectors(np.arange(db.count)), depth + 1)  # (N, depth + 1)
+    a, j = np.nonzero((scores > t) & (rows != np.arange(db.count)[:, None]))  # not the row itself
+    pixels = source.pixels(db.ids).astype(np.float32)  # (N, 28, 28), Fashion-MNIST only
+    diff = np.abs(pixels[a] - pixels[rows[a, j]]).mean(axis=(1, 2))  # (pairs,)
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(db.count, 256, replace=False)
+    jpeg = [
+        np.abs(np.asarray(jpeg_copy(source.load(int(db.ids[r]))).convert("L"), np.float32)
+               - pixels[r]).mean()
+        for r in sample
+    ]  # fmt: skip
+    random_pairs = np.abs(pixels[sample] - pixels[rng.choice(db.count, 256)]).mean(axis=(1, 2))
+    print(
+        f"\npixels, D = X: {len(a)} (row, other row) pairs above {t:.5f} among each row's "
+        f"{depth} nearest; mean |pixel difference| of those pairs: "
+        + "  ".join(f"{q:g}% {np.percentile(diff, q):.2f}" for q in (10, 50, 90))
+        + f"; a JPEG q90 re-save: median {np.median(jpeg):.2f}; random pairs: median "
+        f"{np.median(random_pairs):.2f} (grey levels of 255)"
+    )
 
 
 def _q(quantiles: dict) -> str:

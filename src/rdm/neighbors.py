@@ -111,9 +111,9 @@ def compute_neighbors(
     Candidates that are the query itself, an exact pixel duplicate of it, or a near-duplicate
     (cosine > ``exclude_threshold``; None = derived from the encoder by
     :func:`rdm.duplicates.calibrate` with ``seed``) are excluded, whatever the splits."""
+    _check_arguments(db, k, k_p, exclude_threshold, batch_size)
     path = Path(out) if out is not None else db.root / f"neighbors-{split}.safetensors"
     require_writable(path, what="neighbours file")
-    _check_arguments(db, k, k_p, exclude_threshold, batch_size)
     db.require_encoder(encoder, f"query encoder {encoder.identity.get('spec', '?')}")
     db_fraction = float(db.manifest["source"]["db_fraction"])
     ids = source.split_ids(split, db_fraction)  # (n,) int64 ascending
