@@ -1,10 +1,10 @@
 """What "near-duplicate" means for one encoder: the exclusion threshold, measured, not assumed.
 
 A training image x must not find itself in the database under another name or after a re-save
-(paper §3.1: D is disjoint from X, so ξ_k(x, D) never returns x). Exact copies share their decoded
+(paper §3: D is disjoint from X, so ξ_k(x, D) never returns x). Exact copies share their decoded
 pixels and are caught by the content hash (:func:`rdm.embedding.content_hash`). Re-encoded copies
 are caught by cosine, and the cosine a copy keeps depends entirely on the encoder: with the
-shipped clip-small on Fashion-MNIST a 1-pixel shift drops it to ~0.95 while distinct trousers
+shipped clip-small on Fashion-MNIST a 1-pixel shift drops it to 0.93-0.99 while distinct trousers
 reach 0.999, so a fixed constant (0.98 before) excluded hundreds of distinct images per query.
 
 :func:`calibrate` measures two distributions and derives the threshold from them:

@@ -3,7 +3,7 @@
 The model is trained on ε_θ(z_t, t, {φ(y) : y ∈ ξ_k(x, D)}), so each training image's k nearest
 database rows are computed once and stored (k = 20 stored, the first 4 used in the paper).
 
-A training image must not retrieve itself (paper §3.1: D is disjoint from X). Whatever the
+A training image must not retrieve itself (paper §3: D is disjoint from X). Whatever the
 splits, three kinds of candidate are dropped, and the search goes deeper until exactly k remain:
 the query's own row (same source, same id), exact pixel duplicates (same content hash, e.g. the
 same picture under two names) and near-duplicates (cosine > the threshold that
