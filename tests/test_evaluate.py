@@ -46,7 +46,7 @@ def test_report_holds_every_measure_with_the_floor(report):
         m = r["metrics"][which]
         for key in ("fd", "kid", "kid_std", "precision", "recall", "density", "coverage"):
             assert np.isfinite(m[key]), (which, key)
-        assert m["kid_subset_size"] == 6 and m["pr_k"] == 3 and m["dc_k"] == 5
+        assert m["kid_subset_size"] == 3 and m["pr_k"] == 3 and m["dc_k"] == 5
     assert set(r["colour"]) == {"samples", "real", "floor"}
     assert 0 <= r["faithfulness"]["share"] <= 1 and r["faithfulness"]["n"] == 6
     # the tiny folder source has no split disjoint from both X and D: said, not faked

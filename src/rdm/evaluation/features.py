@@ -79,8 +79,7 @@ class InceptionExtractor(FeatureExtractor):
         from rdm.io import sha256_file
 
         path = inception.resolve_weights(weights)
-        self.net = inception.fid_inception_v3()
-        inception.load_weights(self.net, path)
+        self.net = inception.load(path)
         self.device = torch.device(device)
         self.net.to(self.device)
         self.identity = {

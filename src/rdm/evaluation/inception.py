@@ -15,6 +15,7 @@ torch-fidelity. The weights cannot be downloaded here: they are read from a loca
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -109,8 +110,15 @@ def resolve_weights(path: str | Path | None) -> Path:
     return p
 
 
-def load_weights(net: nn.Module, path: Path) -> None:
-    """Load a state dict (``.pth`` with ``weights_only``, or ``.safetensors``) of exactly this layout."""
+def load(path: Path) -> nn.Module:
+    """The FID Inception with the weights of ``path`` (a ``.pth`` state dict read with
+    ``weights_only``, or ``.safetensors``); refuses any other layout, naming what differs.
+
+    The network is built on the meta device and the file's tensors are assigned into it, so no
+    random initialisation of its 24M parameters is computed only to be overwritten.
+    """
+    with torch.device("meta"):
+        net = fid_inception_v3()
     state = _read_state_dict(path)
     expected = net.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -121,10 +129,12 @@ def load_weights(net: nn.Module, path: Path) -> None:
         if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
     if missing or unexpected or shapes:
-        raise RdmError(
-            f"{path} is not the FID Inception layout: {_layout_problem(missing, unexpected, shapes)}; give {WEIGHTS_HINT}"
-        )
-    net.load_state_dict(state)
+        problem = _layout_problem(missing, unexpected, shapes)
+        raise RdmError(f"{path} is not the FID Inception layout: {problem}; give {WEIGHTS_HINT}")
+    net.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, assign=True
+    )
+    return net.eval()
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -138,7 +148,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise RdmError(f"cannot read Inception weights {path}: {exc}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         # weights_only refuses pickled objects other than tensors: not a plain state dict
         reason = str(exc).splitlines()[0]
         raise RdmError(f"cannot read Inception weights {path} as a state dict: {reason}") from None

@@ -124,11 +124,16 @@ def kid(
 ) -> tuple[float, float, int]:
     """KID: (mean, std, subset size) of the unbiased MMD² over ``subsets`` random subsets.
 
-    ``subset_size`` defaults to min(1000, N, M). Subsets are drawn without replacement in the
-    same order as torch-fidelity (``RandomState(seed)``, real then generated), so both give the
-    same numbers for the same seed. KID can be slightly negative when the sets match.
+    ``subset_size`` defaults to half the smaller set, at most 1000 (torch-fidelity's size): with
+    subsets as large as the sets every subset is the whole set and the std would be 0. Subsets
+    are drawn without replacement in the same order as torch-fidelity (``RandomState(seed)``, real
+    then generated), so both give the same numbers for the same seed and size. KID can be
+    slightly negative when the sets match.
     """
-    size = min(KID_SUBSET_SIZE, len(x), len(y)) if subset_size is None else subset_size
+    if subset_size is None:
+        size = min(KID_SUBSET_SIZE, max(2, min(len(x), len(y)) // 2))
+    else:
+        size = subset_size
     x, y = _pair(x, y, max(size, 2), "KID")
     if size < 2:
         raise MetricInputError(f"KID subset size {size} must be at least 2")

@@ -67,17 +67,16 @@ def markdown(r: dict) -> str:
         f"- samples: {r['n']} ({r['samples']}{', mode ' + r['mode'] if r.get('mode') else ''})"
         + (f", {_sampling(r['sampling'])}" if r.get("sampling") else ""),
         f"- real reference: {r['real']['source']} split {real}; seed {r['seed']}",
-        f"- extractor: **{ex['name']}** ({ex['dim']}-d, weights sha256 "
-        f"{str(ex.get('weights_sha256') or ex.get('encoder_fingerprint'))[:12]}, input: {ex['input']})",
+        f"- extractor: **{ex['name']}** ({ex['dim']}-d, weights sha256 {_weights(ex)[:12]}, "
+        f"input: {ex['input']})",
         f"- machine: {r['machine']['cpu']}, {r['machine']['torch_threads']} torch thread(s)"
         if "machine" in r
         else "",
         "",
         f"| {ex['name']} features | samples vs real {r['real']['split']} | real floor: {floor} |",
         "|---|---|---|",
-        f"| FD | {_f(m['fd'], 2)} | {_f(fl['fd'], 2)} |",
-        f"| KID ×10³ (subsets of {m['kid_subset_size']}) | {m['kid'] * 1e3:.2f} ± {m['kid_std'] * 1e3:.2f} "
-        f"| {fl['kid'] * 1e3:.2f} ± {fl['kid_std'] * 1e3:.2f} |",
+        f"| FD | {m['fd']:.4g} | {fl['fd']:.4g} |",
+        f"| KID ({m['kid_subsets']} subsets of {m['kid_subset_size']}) | {_kid(m)} | {_kid(fl)} |",
         f"| precision (k = {m['pr_k']}) | {_f(m['precision'])} | {_f(fl['precision'])} |",
         f"| recall (k = {m['pr_k']}) | {_f(m['recall'])} | {_f(fl['recall'])} |",
         f"| density (k = {m['dc_k']}) | {_f(m['density'])} | {_f(fl['density'])} |",
@@ -128,6 +127,14 @@ def markdown(r: dict) -> str:
     elif mem:
         lines.append(f"Memorisation: {mem.get('note')}")
     return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def _weights(ex: dict) -> str:
+    return str(ex.get("weights_sha256") or ex.get("encoder", {}).get("weights_sha256"))
+
+
+def _kid(m: dict) -> str:
+    return f"{m['kid']:.4g} ± {m['kid_std']:.2g}"
 
 
 def _sampling(s: dict) -> str:
