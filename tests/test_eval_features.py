@@ -16,31 +16,11 @@ from rdm.evaluation.images import ImageFormatError, View, as_pixels, model_view,
 # --- the FID Inception --------------------------------------------------------------------------
 
 
-def random_fid_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random-initialised state dict of the FID Inception layout (He-scaled convolutions,
-    BatchNorm statistics that keep activations in range through the 94 layers)."""
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in inception.fid_inception_v3().state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for k, shape in shapes.items():
-        if k.endswith("num_batches_tracked"):
-            state[k] = torch.zeros((), dtype=torch.int64)
-        elif k.endswith(("running_mean", "bias")):
-            state[k] = torch.zeros(shape)
-        elif k.endswith(("running_var", "bn.weight")):
-            state[k] = torch.ones(shape)
-        else:  # conv / fc weights
-            fan_in = int(torch.tensor(shape[1:]).prod())
-            state[k] = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
-    return state
-
-
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory):
-    """The random FID Inception saved as a .pth state dict, as pytorch-fid ships its weights."""
+    """A random FID Inception saved as a .pth state dict, as pytorch-fid ships its weights."""
     path = tmp_path_factory.mktemp("inception") / inception.WEIGHTS_NAME
-    state = random_fid_state()
+    state = inception.random_state()
     torch.save(state, path)
     return path, state
 

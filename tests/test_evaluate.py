@@ -103,6 +103,15 @@ def test_other_modes_run(world, clf, tmp_path, mode):  # noqa: F811
         assert r["faithfulness"]["target"] == "prompt class"
 
 
+def test_clip_features_are_the_database_encoders(world, clf, tmp_path):  # noqa: F811
+    args = _eval_args(world, clf, tmp_path, "--n", "6", "--features", "clip", "--memo-n", "0")
+    assert main(args) == 0
+    r = json.loads((tmp_path / "report" / "eval.json").read_text())
+    assert r["extractor"]["name"] == "clip" and r["extractor"]["dim"] == 32
+    assert "faithfulness" not in r  # a classifier's measure
+    assert np.isfinite(r["metrics"]["model"]["fd"])
+
+
 # --- bad input --------------------------------------------------------------------------------------
 
 
@@ -131,6 +140,16 @@ def test_a_classifier_of_other_classes_is_refused(world, tmp_path, capsys):  # n
     args[args.index("--classifier") : args.index("--classifier") + 2] = []
     err = _error(capsys, args)
     assert "trained on other classes" in err
+
+
+def test_an_inception_file_of_another_layout_is_refused(world, clf, tmp_path, capsys):  # noqa: F811
+    import torch
+
+    bad = tmp_path / "inception_v3_google.pth"
+    torch.save({"AuxLogits.fc.weight": torch.zeros(1000, 768)}, bad)
+    args = _eval_args(world, clf, tmp_path, "--n", "6", "--features", "inception")
+    err = _error(capsys, [*args, "--inception-weights", str(bad)])
+    assert "not the FID Inception layout" in err and "ImageNet" in err
 
 
 def test_more_samples_than_the_real_split_holds(world, clf, tmp_path, capsys):  # noqa: F811

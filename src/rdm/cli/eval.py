@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--memo-n",
         type=int,
         help="training / database images searched for memorisation "
-        "(default: all; 0 skips memorisation)",
+        "(default: all, 2000 for inception; 0 skips memorisation)",
     )
     p.add_argument(
         "--inception-weights",

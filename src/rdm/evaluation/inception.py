@@ -94,6 +94,26 @@ def pool3(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
 
+def random_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random state dict of this layout, for tests and benchmarks (the real weights cannot be
+    downloaded here): He-scaled convolutions, identity BatchNorm, so activations stay finite."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in fid_inception_v3().state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, shape in shapes.items():
+        if k.endswith("num_batches_tracked"):
+            state[k] = torch.zeros((), dtype=torch.int64)
+        elif k.endswith(("running_mean", "bias")):
+            state[k] = torch.zeros(shape)
+        elif k.endswith(("running_var", "bn.weight")):
+            state[k] = torch.ones(shape)
+        else:  # convolution and fc weights, (out, in, ...)
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            state[k] = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
+    return state
+
+
 def resolve_weights(path: str | Path | None) -> Path:
     """The weights file from the argument, else ``$RDM_INCEPTION_WEIGHTS``; refuse when neither."""
     import os
