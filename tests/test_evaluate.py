@@ -59,8 +59,10 @@ def test_report_holds_every_measure_with_the_floor(report):
 
 
 def test_figures_recompute_from_the_written_samples_and_the_cache(world, clf, report):  # noqa: F811
-    """--samples reads the PNGs back: every figure is the same, real features come from the cache."""
+    """--samples reads the PNGs back: every figure is the same, real features come from the cache
+    (a grid.png beside the samples, as 'rdm sample' writes one, is not a sample)."""
     out, r = report
+    Image.new("RGB", (40, 20)).save(out / "report" / "samples" / "grid.png")
     again = out / "again"
     args = _eval_args(world, clf, out, "--samples", str(out / "report" / "samples"))
     args[args.index("--out") + 1] = str(again)
@@ -122,7 +124,8 @@ def _error(capsys, args) -> str:
 
 def test_too_few_samples_say_how_many(world, clf, tmp_path, capsys):  # noqa: F811
     err = _error(capsys, _eval_args(world, clf, tmp_path, "--n", "3", "--memo-n", "0"))
-    assert "needs at least 4" in err or "needs at least 6" in err
+    assert "3 samples are too few" in err and "at least 6 samples" in err
+    assert not (tmp_path / "report" / "samples").exists()  # refused before sampling
 
 
 def test_samples_of_another_size_are_refused(world, clf, tmp_path, capsys):  # noqa: F811

@@ -20,6 +20,7 @@ from rdm.evaluation.generate import Sampling
 
 SPLITS = ("all", "train", "db", "test")
 INCEPTION_MEMO_N = 2000
+MIN_N = max(metrics.PR_K, metrics.DC_K) + 1  # the k-NN metrics need k other points
 
 
 @dataclass
@@ -63,8 +64,6 @@ def evaluate(req: EvalRequest) -> dict:
     from rdm.pipeline import RDMPipeline
 
     t0 = time.time()
-    if req.n is not None and req.n < 1:
-        raise RdmError(f"--n {req.n}: ask for at least one sample")
     pipe = RDMPipeline.from_pretrained(req.run, req.db)
     cfg = pipe.config
     view = View(
@@ -81,6 +80,12 @@ def evaluate(req: EvalRequest) -> dict:
     if images is not None:  # refuse a folder of the wrong format before any other work
         require_view(as_pixels(images, "samples"), view, "the samples")
     n = req.n if images is None else len(images)
+    if n < MIN_N:  # before any sampling: every metric must be computable
+        raise RdmError(
+            f"{n} samples are too few: density/coverage (k = {metrics.DC_K}) need at least "
+            f"{MIN_N} samples and {MIN_N} real images, precision/recall (k = {metrics.PR_K}) "
+            f"{metrics.PR_K + 1}; ask for --n {MIN_N} or more"
+        )
     ids = _choose_ids(
         source, real_split, floor_split, n, req.mode == "image" and images is None, req.seed
     )

@@ -98,10 +98,11 @@ def write_samples(images: list[Image.Image], records: list[dict], out: Path) -> 
 
 
 def read_samples(folder: Path, n: int | None) -> tuple[list[Image.Image], list[dict] | None]:
-    """PNGs of ``folder`` in name order (the first ``n``) and their records, if the folder has them."""
+    """Sample PNGs of ``folder`` in name order (the first ``n``) and their records, if any."""
     if not folder.is_dir():
         raise RdmError(f"--samples {folder} is not a directory of PNG images")
-    files = sorted(folder.glob("*.png"))
+    # 'rdm sample' and 'rdm eval' name samples sample-SEED.png (beside a grid.png): those, else all
+    files = sorted(folder.glob("sample-*.png")) or sorted(folder.glob("*.png"))
     if n is not None:
         if len(files) < n:
             raise RdmError(f"--samples {folder} holds {len(files)} PNG images but --n asks for {n}")

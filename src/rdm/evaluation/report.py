@@ -83,6 +83,12 @@ def markdown(r: dict) -> str:
         f"| coverage (k = {m['dc_k']}) | {_f(m['coverage'])} | {_f(fl['coverage'])} |",
         "",
     ]
+    if r["n"] <= ex["dim"]:
+        lines += [
+            f"(N = {r['n']} ≤ {ex['dim']} feature dimensions: the covariances are singular and FD "
+            "is biased upwards; compare FDs only at equal N and extractor.)",
+            "",
+        ]
     c = r["colour"]
     lines += [
         f"| colour (0..1) | samples | real {r['real']['split']} | real {r['floor']['split']} |",
