@@ -130,8 +130,9 @@ def evaluate(req: EvalRequest) -> dict:
     # Features: samples fresh, real sets from the cache.
     t = time.time()
     fake = extractor.features(samples, progress=req.progress, desc="sample features")
+    splits = {"ref": real_split, "floor": floor_split}
     real = {
-        name: _real_features(extractor, source, ids[name], view, name, req)
+        name: _real_features(extractor, source, splits[name], ids[name], view, name, req)
         for name in ("ref", "floor")
     }
     timings["features_s"] = round(time.time() - t, 1)
@@ -236,15 +237,19 @@ def _real_pixels(source, ids: np.ndarray, view, req: EvalRequest, desc: str = ""
     return load_view(source, ids, view, desc or f"real images ({len(ids)})", progress=req.progress)
 
 
-def _real_features(extractor, source, ids, view, split_name: str, req: EvalRequest) -> np.ndarray:
+def _real_features(
+    extractor, source, split: str, ids, view, set_name: str, req: EvalRequest
+) -> np.ndarray:
+    """Features of real items ``ids`` (of ``split``), from the cache or computed and cached."""
     from rdm.evaluation.cache import cached_features, default_dir, ids_sha256
 
     key = {
         "source": source.spec,
-        "ids_sha256": ids_sha256(ids),
+        "split": split,
         "n": len(ids),
         "seed": req.seed,
-        "set": split_name,
+        "ids_sha256": ids_sha256(ids),
+        "set": set_name,
         "view": view.identity(),
         "extractor": extractor.identity,
     }
@@ -252,9 +257,9 @@ def _real_features(extractor, source, ids, view, split_name: str, req: EvalReque
         req.cache_dir if req.cache_dir is not None else default_dir(),
         key,
         lambda: extractor.features(
-            _real_pixels(source, ids, view, req, f"real images: {split_name}"),
+            _real_pixels(source, ids, view, req, f"real images: {set_name}"),
             progress=req.progress,
-            desc=f"{split_name} features",
+            desc=f"{set_name} features",
         ),
     )
     return features
@@ -320,8 +325,8 @@ def _memorisation(
     if train_source is None:
         return {"note": f"{req.run} records no training source"}
     refs = {
-        "train": (train_source, train_source.split_ids(cfg.data.split)),
-        "database": (open_source(pipe.db.source_spec), np.sort(pipe.db.ids)),
+        "train": (train_source, cfg.data.split, train_source.split_ids(cfg.data.split)),
+        "database": (open_source(pipe.db.source_spec), pipe.db.split, np.sort(pipe.db.ids)),
     }
     # the real baseline must be unseen by both sets: the reference set, else the floor set
     baseline = next(
@@ -336,11 +341,11 @@ def _memorisation(
     if baseline is None:
         return {"note": "no real set disjoint from both the training split and the database"}
     out = {"baseline": baseline[1]}
-    for name, (src, ids) in refs.items():
+    for name, (src, split, ids) in refs.items():
         cap = INCEPTION_MEMO_N if req.memo_n is None and req.features == "inception" else req.memo_n
         if cap is not None and cap < len(ids):  # a seeded subset, recorded as "searched"
             ids = np.sort(np.random.default_rng(req.seed + 2).choice(ids, cap, replace=False))
-        ref = _real_features(extractor, src, ids, view, f"memorisation-{name}", req)
+        ref = _real_features(extractor, src, split, ids, view, f"memorisation-{name}", req)
         out[name] = stats.memorisation_against(fake, real[baseline[0]], ref, ids)
     return out
 
