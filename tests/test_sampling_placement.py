@@ -44,3 +44,19 @@ def test_batched_guidance_casts_the_null_context_to_the_contexts_dtype():
     context = torch.ones(2, 2, 3, dtype=torch.bfloat16)
     guided(model, context, None, 3.0)(torch.zeros(2, 1, 1, 1), torch.tensor(5))
     assert model.dtypes == [torch.bfloat16]  # one batched forward, in the context's dtype
+
+
+def test_stochastic_noise_is_like_x_in_dtype_and_device():
+    """A stochastic sampler's z (``_noise_like``): image i's from generator i, in x's dtype, on
+    x's device (``dtype=None`` and ``.to(None)`` survived the float32 CPU suite)."""
+    from rdm.sampling import _noise_like
+
+    x = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
+    z = _noise_like(x, [torch.Generator().manual_seed(s) for s in (1, 2)])
+    assert z.dtype == torch.float64
+    expected = torch.randn(
+        (1, 2, 2), generator=torch.Generator().manual_seed(2), dtype=torch.float64
+    )
+    torch.testing.assert_close(z[1], expected)
+    gens = [torch.Generator().manual_seed(1)]
+    assert _noise_like(torch.zeros(1, 1, 2, 2, device="meta"), gens).device.type == "meta"
