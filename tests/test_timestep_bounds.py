@@ -22,3 +22,15 @@ def test_log_snr_timesteps_bounds():
         log_snr_timesteps(ac, 11, 9)
     with pytest.raises(RdmError, match="steps=0"):
         log_snr_timesteps(ac, 0, 9)
+
+
+def test_uniform_timesteps_bounds_and_two_steps():
+    """DDIM's schedule: both ends from 2 steps on (``steps == 1`` special case as ``== 2`` gave
+    one timestep for two steps; the parametrised step counts never include 2), and the same bound."""
+    from rdm.sampling import uniform_timesteps
+
+    assert uniform_timesteps(999, 1) == [999]
+    assert uniform_timesteps(999, 2) == [999, 0]
+    assert uniform_timesteps(9, 10) == list(range(9, -1, -1))
+    with pytest.raises(RdmError, match="steps=11: 1 to 10 distinct timesteps"):
+        uniform_timesteps(9, 11)
