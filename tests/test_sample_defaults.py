@@ -26,3 +26,19 @@ def test_sample_defaults_to_deterministic_and_silent(capsys):
     explicit = sample("ddim", zero_eps, x_T, cfg, 3, eta=0.0, progress=False)
     torch.testing.assert_close(default, explicit, rtol=0, atol=0)
     assert capsys.readouterr().err == ""  # no tqdm bar
+
+
+def test_sample_passes_eta_to_the_sampler():
+    """``sample(..., eta=1)`` is the stochastic sampler (η was once dropped without a failing test)."""
+    from rdm.sampling import ddim, default_timesteps
+
+    cfg = DiffusionConfig()
+    x_T = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+
+    def gens():
+        return [torch.Generator().manual_seed(s) for s in (5, 6)]
+
+    got = sample("ddim", zero_eps, x_T, cfg, 3, eta=1.0, generators=gens())
+    ts = default_timesteps("ddim", cfg, 3)
+    torch.testing.assert_close(got, ddim(zero_eps, x_T, cfg, ts, eta=1.0, generators=gens()))
+    assert not torch.allclose(got, sample("ddim", zero_eps, x_T, cfg, 3))  # η = 0 differs
