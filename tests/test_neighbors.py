@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 from fakes_retrieval import ProjectionEncoder, TinySource
+from PIL import Image
 
 from rdm import index as fi
 from rdm.database import Database, build_database
@@ -334,3 +335,26 @@ def test_unreadable_or_foreign_files(tmp_path):
     save_file({"x": np.zeros(3)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(NeighborsError, match="not an rdm neighbours file"):
         load_neighbors(tmp_path / "other.safetensors")
+
+
+class GreyTinySource(TinySource):
+    """TinySource's pictures with R = G = B (saved as RGB, as most grey datasets are)."""
+
+    def load(self, i: int) -> Image.Image:
+        return super().load(i).convert("L").convert("RGB")
+
+
+def test_grey_training_images_are_recorded_and_pick_a_one_channel_model(db_split, tmp_path):
+    from rdm.cli.train import default_image_channels
+    from rdm.embedding import is_grey
+
+    colour = run(db_split, tmp_path, k=4)
+    assert colour.meta["queries"]["grayscale"] is False and default_image_channels(colour) == 3
+    grey = run(db_split, tmp_path, source=GreyTinySource(60, name="tiny"), k=4, out=tmp_path / "g")
+    assert grey.meta["queries"]["grayscale"] is True and default_image_channels(grey) == 1
+    one_coloured = Image.new("RGB", (4, 4), (9, 9, 9))
+    assert is_grey(one_coloured) and is_grey(one_coloured.convert("L"))
+    one_coloured.putpixel((3, 3), (9, 9, 10))
+    assert not is_grey(one_coloured)
+    del grey.meta["queries"]["grayscale"]  # files written before the flag: RGB, as before
+    assert default_image_channels(grey) == 3

@@ -233,15 +233,18 @@ def test_step_counts_are_checked():
         default_timesteps("plms", DiffusionConfig(), 10)
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize(("eta", "clip"), [(0.0, True), (1.0, True), (1.0, False)])
-def test_ddim_matches_diffusers_on_its_timesteps(eta, clip):
+def test_ddim_matches_diffusers_on_its_timesteps(eta, clip, prediction):
     """Same maths as diffusers' DDIMScheduler where that applies (uniform spacing; diffusers can
-    only step by T/steps): LDM's "leading" timesteps 981, 961, …, 1, then ᾱ = 1."""
+    only step by T/steps): LDM's "leading" timesteps 981, 961, …, 1, then ᾱ = 1; with clipping,
+    the ε consistent with the clipped x_0 (``use_clipped_model_output=True``), for every
+    prediction type."""
     from diffusers import DDIMScheduler
 
     from rdm.diffusion import scheduler_config
 
-    cfg = DiffusionConfig(clip_sample=clip)
+    cfg = DiffusionConfig(clip_sample=clip, prediction_type=prediction)
 
     def denoise(x, t):  # any nonlinear ε(x, t) whose x_0 leaves [-1, 1] at times
         return torch.sin(3 * x) + 1e-3 * t
@@ -253,7 +256,10 @@ def test_ddim_matches_diffusers_on_its_timesteps(eta, clip):
     x_T, gens = initial_noise([3, 4], (3, 8, 8))
     ref = x_T
     for t in scheduler.timesteps:
-        ref = scheduler.step(denoise(ref, t), t, ref, eta=eta, generator=gens).prev_sample
+        out = scheduler.step(
+            denoise(ref, t), t, ref, eta=eta, generator=gens, use_clipped_model_output=True
+        )
+        ref = out.prev_sample
     x_T, gens = initial_noise([3, 4], (3, 8, 8))
     ours = ddim(denoise, x_T, cfg, scheduler.timesteps.tolist(), eta=eta, generators=gens)
     assert scheduler.timesteps.tolist() == list(range(901, 0, -100))

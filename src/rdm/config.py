@@ -27,6 +27,7 @@ from rdm.io import write_json
 PRESETS = ("tiny", "small", "base")
 SCHEDULES = ("scaled_linear", "linear", "cosine")
 SAMPLERS = ("ddim", "dpm++")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 class ConfigError(RdmError):
@@ -38,7 +39,9 @@ class ModelConfig:
     """The conditional UNet ε_θ(x_t, t, {φ(y)}) and, optionally, the autoencoder it runs inside."""
 
     resolution: int = 32  # image side in pixels
-    in_channels: int = 3  # 3 in pixel space; the autoencoder's latent channels in latent space
+    # 3 (RGB) or 1 (grey: the luma of the images, rdm.model.encode) in pixel space; the
+    # autoencoder's latent channels in latent space
+    in_channels: int = 3
     block_out_channels: tuple[int, ...] = (64, 128, 128)
     # one flag per resolution level (highest resolution first): cross-attention there or not
     attention_levels: tuple[bool, ...] = (False, True, True)
@@ -75,6 +78,11 @@ class ModelConfig:
             raise ConfigError(
                 f"model.resolution {self.resolution} must be divisible by latent_downsample "
                 f"{self.latent_downsample} x 2^{levels - 1} (one halving per extra level)"
+            )
+        if not self.latent and self.in_channels not in (1, 3):
+            raise ConfigError(
+                f"model.in_channels={self.in_channels}: a pixel-space model has 3 (RGB) or 1 "
+                "(grey) channels"
             )
         if self.k < 1 or self.context_dim < 1:
             raise ConfigError(
@@ -113,10 +121,19 @@ class DiffusionConfig:
     schedule: str = "scaled_linear"
     beta_start: float = 0.0015
     beta_end: float = 0.0195
+    # What the network predicts (diffusers' names): "epsilon" the noise ε (Ho et al. 2020, the
+    # paper's), "v_prediction" v = √ᾱ ε − √(1 − ᾱ) x_0 (Salimans & Ho 2022), "sample" x_0 itself.
     prediction_type: str = "epsilon"
+    # Rescale the betas so that ᾱ_{T−1} = 0 exactly (Lin et al. 2024, diffusers'
+    # rescale_betas_zero_snr): x_{T−1} is then pure noise, the x_T the samplers start from, so
+    # training and sampling agree at the top. ε cannot be predicted from pure noise (x_0 =
+    # (x_t − √(1 − ᾱ) ε)/√ᾱ divides by 0), so it needs prediction_type v_prediction or sample.
+    zero_terminal_snr: bool = False
     # Clip the predicted x_0 to [-1, 1] at every sampling step (pixel space only: latents are not
-    # in [-1, 1]). Short-trained pixel models predict ε poorly at high t, where x_0 = (x_t −
-    # √(1−ᾱ) ε) / √ᾱ amplifies the error ~100x; without clipping their samples saturate.
+    # in [-1, 1]); every sampler then continues from the clipped x_0 and the noise consistent with
+    # it, (x_t − √ᾱ_t x̂_0)/√(1 − ᾱ_t). Short-trained pixel ε-models predict ε poorly at high t,
+    # where x_0 = (x_t − √(1−ᾱ) ε) / √ᾱ amplifies the error ~100x; without clipping their samples
+    # saturate. v- and x_0-models predict x_0 directly and are measured without it (docs/training.md).
     clip_sample: bool = True
 
     def __post_init__(self) -> None:
@@ -124,8 +141,16 @@ class DiffusionConfig:
             raise ConfigError(
                 f"diffusion.schedule={self.schedule!r}: choose one of {', '.join(SCHEDULES)}"
             )
-        if self.prediction_type != "epsilon":
-            raise ConfigError("diffusion.prediction_type: only 'epsilon' is implemented")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(
+                f"diffusion.prediction_type={self.prediction_type!r}: choose one of "
+                f"{', '.join(PREDICTION_TYPES)}"
+            )
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ConfigError(
+                "diffusion.zero_terminal_snr makes x_{T-1} pure noise, from which ε cannot be "
+                "predicted; use prediction_type v_prediction (or sample) with it"
+            )
 
 
 @dataclass
@@ -138,6 +163,9 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     ema_decay: float = 0.9999
+    # min-SNR-γ loss weighting (Hang et al. 2023): weight min(SNR_t, γ) on the x_0 error, i.e.
+    # min(SNR, γ)/SNR on ε's and min(SNR, γ)/(SNR + 1) on v's; None: the plain loss
+    snr_gamma: float | None = None
     p_uncond: float = 0.1  # probability of replacing the whole neighbour set by the null context
     k_random_from_top_n: int | None = None  # draw the k neighbours from the top n, else first k
     mixed_precision: str = "bf16"  # "bf16" autocast or "no" (fp32)
@@ -159,6 +187,8 @@ class TrainConfig:
             )
         if self.keep_last < 1:
             raise ConfigError(f"train.keep_last={self.keep_last} must be >= 1")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise ConfigError(f"train.snr_gamma={self.snr_gamma} must be > 0 (5 is usual) or null")
 
 
 @dataclass

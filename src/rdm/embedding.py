@@ -29,6 +29,7 @@ class EncodedBatch:
     ids: np.ndarray  # (b,) int64 source ids of the readable images, ascending within the batch
     embeddings: np.ndarray  # (b, d) float32, as the encoder returned them (unit norm)
     hashes: list[str]  # (b,) content_hash of each image
+    grey: list[bool]  # (b,) is_grey of each image
     seen: int  # ids of the input consumed by this batch (readable or not): for progress bars
 
 
@@ -39,6 +40,14 @@ def content_hash(image: Image.Image) -> str:
     h = hashlib.sha256(f"{rgb.size[0]}x{rgb.size[1]}:".encode())
     h.update(rgb.tobytes())
     return h.hexdigest()[:32]
+
+
+def is_grey(image: Image.Image) -> bool:
+    """True when the picture has no colour: a grey mode, or RGB(A) pixels with R = G = B."""
+    if image.mode in ("1", "L", "LA", "I", "I;16", "F"):
+        return True
+    rgb = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
 
 
 def encode_source(
@@ -71,6 +80,7 @@ def encode_source(
             ids=np.array(kept, dtype=np.int64),
             embeddings=z,
             hashes=[content_hash(im) for im in images],
+            grey=[is_grey(im) for im in images],
             seen=len(chunk),
         )
 

@@ -24,6 +24,9 @@ from torch import nn
 from rdm.config import PRESETS, ModelConfig, preset
 from rdm.errors import RdmError
 
+#: ITU-R BT.601 luma weights of R, G, B (what PIL's convert("L") uses)
+LUMA = (0.299, 0.587, 0.114)
+
 
 def build_unet(cfg: ModelConfig):
     """A diffusers ``UNet2DConditionModel`` whose cross-attention reads a (B, k, d) context."""
@@ -152,8 +155,11 @@ def load_vae(cfg: ModelConfig, device: str | torch.device = "cpu"):
 def encode(
     vae, x: torch.Tensor, cfg: ModelConfig, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Images in [-1, 1] (B, 3, H, W) -> what the diffusion runs on (identity in pixel space)."""
+    """Images in [-1, 1] (B, 3, H, W) -> what the diffusion runs on: the images themselves in
+    pixel space, their luma (B, 1, H, W) for a 1-channel model, or the latents."""
     if vae is None:
+        if cfg.in_channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma; grey data: R = G = B
+            return torch.tensordot(x, x.new_tensor(LUMA), dims=([1], [0])).unsqueeze(1)
         return x
     with torch.no_grad():
         z = vae.encode(x.to(vae.dtype)).latent_dist.sample(generator)
@@ -161,7 +167,8 @@ def encode(
 
 
 def decode(vae, z: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Inverse of :func:`encode`: diffusion space -> images, roughly in [-1, 1] (B, 3, H, W)."""
+    """Inverse of :func:`encode`: diffusion space -> images, roughly in [-1, 1] (B, C, H, W),
+    C = 1 for a grey pixel model (:func:`rdm.sampling.to_uint8` repeats it to RGB)."""
     if vae is None:
         return z
     with torch.no_grad():

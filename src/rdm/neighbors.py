@@ -119,12 +119,13 @@ def compute_neighbors(
     ids = source.split_ids(split, db_fraction)  # (n,) int64 ascending
     exclusion = _exclusion(db, source, split, ids, encoder, exclude_threshold, batch_size, seed)
 
-    query_ids, skipped, rows, scores = [], [], [], []
+    query_ids, skipped, rows, scores, grey = [], [], [], [], True
     with _progress_bar(len(ids), progress) as bar:
         for batch in encode_source(source, ids, encoder, batch_size, skipped):
             if len(batch.ids):
                 I, D = _neighbours(db, batch.ids, batch.hashes, batch.embeddings, k, exclusion)
                 query_ids.append(batch.ids)
+                grey = grey and all(batch.grey)
                 rows.append(I)
                 scores.append(D)
             bar.update(batch.seen)
@@ -152,6 +153,9 @@ def compute_neighbors(
             "db_fraction": db_fraction,
             "count": len(tensors["query_ids"]),
             "skipped": skipped,
+            # every readable query image is grey (R = G = B): rdm train then trains a 1-channel
+            # model by default (docs/training.md)
+            "grayscale": grey,
         },
         "k": k,
         "k_p": k_p,

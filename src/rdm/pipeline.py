@@ -193,13 +193,14 @@ class RDMPipeline:
         steps: int | None = None,
         eta: float | None = None,
         guidance_scale: float | None = None,
+        clip_sample: bool | None = None,
         batch_size: int = 16,
         callback: Callback | None = None,
         progress: bool = True,
     ) -> list[Image.Image]:
         """One image per context; image i depends only on its context and ``seeds[i]``.
 
-        Unset options come from the run's sample config. ``callback`` is called once per sampler
+        Unset options come from the run's sample config (``clip_sample``: its diffusion config). ``callback`` is called once per sampler
         step of every batch (see :data:`Callback`); raising ``rdm.sampling.Cancelled`` from it
         stops the work, and the exception reaches the caller.
         """
@@ -212,6 +213,11 @@ class RDMPipeline:
         sampler, steps = sampler or s.sampler, steps or s.steps
         eta = s.eta if eta is None else eta
         scale = s.guidance_scale if guidance_scale is None else guidance_scale
+        diffusion = self.config.diffusion
+        if clip_sample is not None:
+            if clip_sample and self.config.model.latent:
+                raise RdmError("clip_sample clips to the pixel range; a latent model cannot use it")
+            diffusion = dataclasses.replace(diffusion, clip_sample=clip_sample)
         seeds = list(range(s.seed, s.seed + len(cond))) if seeds is None else list(seeds)
         if len(seeds) != len(cond):
             raise RdmError(f"{len(seeds)} seeds for {len(cond)} conditionings")
@@ -231,7 +237,7 @@ class RDMPipeline:
                 sampler,
                 denoise,
                 x_T,
-                self.config.diffusion,
+                diffusion,
                 steps,
                 eta=eta,
                 generators=gens,

@@ -5,9 +5,17 @@ through a callback)
 
     sampler(denoise, x_T, diffusion_cfg, timesteps, *, eta=0.0, generators=None, callback=None) -> x_0
 
-- ``denoise(x_t, t) -> ε`` is any noise predictor. The sampler never knows what the condition is:
-  retrieved neighbours, a text embedding or nothing reach it only through ``denoise``, which
-  :func:`guided` builds from a model, a context and a guidance scale.
+- ``denoise(x_t, t)`` is any network output in the parameterisation ``diffusion_cfg.prediction_type``
+  names (ε, v or x_0; :func:`rdm.diffusion.split_prediction` turns it into the pair (x̂_0, ε̂)).
+  The sampler never knows what the condition is: retrieved neighbours, a text embedding or
+  nothing reach it only through ``denoise``, which :func:`guided` builds from a model, a context
+  and a guidance scale.
+- Clipping (``diffusion_cfg.clip_sample``, pixel models) is the same in every sampler and for
+  every prediction type: x̂_0 is clipped to [-1, 1] and the step continues from the clipped x̂_0
+  and the noise consistent with it and x_t, ε̂ = (x_t − √ᾱ_t x̂_0)/√(1 − ᾱ_t) (guided-diffusion's
+  DDIM; diffusers' DDIMScheduler with ``use_clipped_model_output=True``). DPM-Solver++ is written
+  in x̂_0 alone, so clipping x̂_0 is all it needs. Keeping the unclipped ε̂ beside a clipped x̂_0
+  (diffusers' DDIM default) moves x_s off the line through x_t and x̂_0.
 - ``timesteps`` are the training timesteps at which ``denoise`` is evaluated, once each: a
   non-empty, strictly decreasing sequence of ints in 0 … T − 1 (checked; an :class:`RdmError` says
   what is wrong). After the last one the sampler steps to the clean image (ᾱ = 1, σ = 0).
@@ -59,10 +67,10 @@ import numpy as np
 import torch
 
 from rdm.config import DiffusionConfig
-from rdm.diffusion import make_scheduler, scheduler_config, top_timestep
+from rdm.diffusion import make_scheduler, scheduler_config, split_prediction, top_timestep
 from rdm.errors import RdmError
 
-#: denoise(x_t (B, C, H, W), t (scalar int tensor)) -> ε (B, C, H, W) float32
+#: denoise(x_t (B, C, H, W), t (scalar int tensor)) -> the network's ε, v or x_0 (B, C, H, W) float32
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: callback({"i", "n", "t", "x", "denoised"}) after each model evaluation; may raise to stop
 Callback = Callable[[dict], None]
@@ -86,6 +94,9 @@ def guided(
 ) -> Denoiser:
     """ε = ε(∅) + s · (ε(c) − ε(∅)) (Ho & Salimans 2022), with one batched forward.
 
+    The same combination of v or x_0 outputs is the same guidance: at fixed (x_t, t) ε̂ and x̂_0
+    are affine in the output with coefficients that do not depend on the condition.
+
     ``model(x, t, context)`` is a :class:`rdm.model.RetrievalUNet`; ``context`` (B, k, d) or None
     (unconditional); ``null`` (B, k', d) defaults to the model's own ∅. s = 1 is plain conditional
     sampling and needs one half-size forward; s = 0 is unconditional.
@@ -99,10 +110,10 @@ def guided(
             return model(x, t, context).float()
         if context.shape == uncond.shape:
             both = model(torch.cat([x, x]), t, torch.cat([context, uncond.to(context.dtype)]))
-            eps_c, eps_u = both.float().chunk(2)
+            out_c, out_u = both.float().chunk(2)
         else:  # different set sizes (e.g. text + neighbours) cannot share one batch
-            eps_c, eps_u = model(x, t, context).float(), model(x, t, uncond).float()
-        return eps_u + scale * (eps_c - eps_u)
+            out_c, out_u = model(x, t, context).float(), model(x, t, uncond).float()
+        return out_u + scale * (out_c - out_u)
 
     return denoise
 
@@ -142,7 +153,8 @@ def log_snr_timesteps(alphas_cumprod: torch.Tensor, steps: int, top: int) -> lis
     """
     if not 1 <= steps <= top + 1:
         raise RdmError(f"steps={steps}: 1 to {top + 1} distinct timesteps fit in {top} … 0")
-    ac = alphas_cumprod.double().numpy()
+    # ᾱ = 0 (zero terminal SNR) has λ = −∞: floor it where DPM-Solver's scheduler does, 2⁻²⁴
+    ac = np.clip(alphas_cumprod.double().numpy(), 2.0**-24, None)
     lam = 0.5 * np.log(ac / (1 - ac))  # (T,), strictly decreasing in t
     timesteps = [top]
     for i in range(1, steps):
@@ -203,10 +215,16 @@ def _check_steps(steps: int, cfg: DiffusionConfig) -> int:
 # --- samplers --------------------------------------------------------------------------------------
 
 
-def _predict_x0(x: torch.Tensor, eps: torch.Tensor, a_t: float, clip: bool) -> torch.Tensor:
-    """x_0 = (x_t − √(1 − ᾱ_t) ε)/√ᾱ_t (Ho et al. eq. 15), clipped to [-1, 1] for pixel models."""
-    x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-    return x0.clamp(-1, 1) if clip else x0
+def denoised(
+    x: torch.Tensor, output: torch.Tensor, a_t: float, cfg: DiffusionConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂_0, ε̂) at ᾱ_t from the network's output; with ``cfg.clip_sample`` x̂_0 is clipped to
+    [-1, 1] and ε̂ = (x_t − √ᾱ_t x̂_0)/√(1 − ᾱ_t) is the noise consistent with the clipped x̂_0."""
+    x0, eps = split_prediction(output, x, a_t, cfg.prediction_type)
+    if not cfg.clip_sample:
+        return x0, eps
+    x0 = x0.clamp(-1, 1)
+    return x0, (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
 
 
 def _noise_like(x: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
@@ -235,8 +253,8 @@ def ddim(
 
         x_s = √ᾱ_s x̂_0 + √(1 − ᾱ_s − σ²) ε + σ z,   σ = η √((1 − ᾱ_s)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_s),
 
-    with x̂_0 clipped to [-1, 1] for pixel models and the unclipped ε in the direction term
-    (diffusers' DDIMScheduler with ``use_clipped_model_output=False``, which this matches).
+    with (x̂_0, ε̂) from :func:`denoised` (x̂_0 clipped for pixel models, ε̂ consistent with it):
+    diffusers' DDIMScheduler with ``use_clipped_model_output=True``, which this matches.
     """
     ts = check_timesteps(timesteps, diffusion_cfg)
     if eta < 0:
@@ -244,8 +262,8 @@ def ddim(
     ac = make_scheduler(diffusion_cfg).alphas_cumprod.double().tolist()  # the training ᾱ_t
     x = x_T
     for i, t in enumerate(ts):
-        eps = denoise(x, torch.tensor(t, device=x.device))
-        x0 = _predict_x0(x, eps, ac[t], diffusion_cfg.clip_sample)
+        output = denoise(x, torch.tensor(t, device=x.device))
+        x0, eps = denoised(x, output, ac[t], diffusion_cfg)
         if callback is not None:
             callback({"i": i, "n": len(ts), "t": t, "x": x, "denoised": x0})
         a_t, a_s = ac[t], ac[ts[i + 1]] if i + 1 < len(ts) else 1.0
@@ -271,7 +289,7 @@ def dpm_solver_pp(
 
     diffusers' ``DPMSolverMultistepScheduler`` with the given timesteps, first order at the first
     and the last step (to σ = 0), x_0 clipped to [-1, 1] for pixel models (its thresholding with
-    ``sample_max_value = 1`` is plain clipping).
+    ``sample_max_value = 1`` is plain clipping); it converts ε / v / x_0 outputs itself.
     """
     from diffusers import DPMSolverMultistepScheduler
 
@@ -293,11 +311,11 @@ def dpm_solver_pp(
     ac = scheduler.alphas_cumprod.double().tolist()
     x = x_T
     for i, t in enumerate(scheduler.timesteps):  # = ts, one model evaluation each
-        eps = denoise(x, t)
+        output = denoise(x, t)
         if callback is not None:
-            x0 = _predict_x0(x, eps, ac[ts[i]], diffusion_cfg.clip_sample)
+            x0, _ = denoised(x, output, ac[ts[i]], diffusion_cfg)
             callback({"i": i, "n": len(ts), "t": ts[i], "x": x, "denoised": x0})
-        x = scheduler.step(eps, t, x, generator=generators).prev_sample
+        x = scheduler.step(output, t, x, generator=generators).prev_sample
     return x
 
 
@@ -349,5 +367,7 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Images in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3)."""
+    """Images in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3); grey (B, 1, H, W) gives R = G = B."""
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
     return (to_unit(x) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -317,7 +317,9 @@ def train(
         g = step_generator(tc.seed, step, rank)
         x0 = encode(vae, images_batch.to(device), cfg.model, g)
         with _autocast(device, tc.mixed_precision):
-            loss = diffusion_loss(model, x0, context.to(device), scheduler, g, tc.p_uncond)
+            loss = diffusion_loss(
+                model, x0, context.to(device), scheduler, g, tc.p_uncond, tc.snr_gamma
+            )
         loss_value = accelerator.reduce(loss.detach(), "mean").item()
         if not math.isfinite(loss_value):
             last = latest_checkpoint(run_dir)
@@ -365,7 +367,9 @@ def train(
                     cfg,
                     tc.keep_last,
                 )
-                _plot_loss(run_dir / "loss.csv", run_dir / "loss.png")
+                _plot_loss(
+                    run_dir / "loss.csv", run_dir / "loss.png", cfg.diffusion.prediction_type
+                )
             accelerator.wait_for_everyone()
 
         # Sample grid.
@@ -443,7 +447,9 @@ def check_resume_config(old: RunConfig, new: RunConfig, run_dir: Path) -> None:
         if f.name not in RESUMABLE_CHANGES
         and getattr(old.train, f.name) != getattr(new.train, f.name)
     ]
-    if changed or old.diffusion != new.diffusion:
+    # clipping is a sampling setting (it never reaches the loss): it may change
+    old_diffusion = replace(old.diffusion, clip_sample=new.diffusion.clip_sample)
+    if changed or old_diffusion != new.diffusion:
         raise RdmError(
             f"cannot resume {run_dir} exactly with changed settings ({'; '.join(changed) or 'diffusion'}); "
             f"only {', '.join(RESUMABLE_CHANGES)} may change on resume"
@@ -490,7 +496,10 @@ def read_loss_csv(path: str | Path) -> list[tuple[int, float]]:
         return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
 
 
-def _plot_loss(csv_path: Path, png_path: Path) -> None:
+_LOSS_NAMES = {"epsilon": "ε-MSE", "v_prediction": "v-MSE", "sample": "x₀-MSE"}
+
+
+def _plot_loss(csv_path: Path, png_path: Path, prediction: str = "epsilon") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -504,7 +513,7 @@ def _plot_loss(csv_path: Path, png_path: Path) -> None:
         smooth = np.convolve(data[:, 1], np.ones(w) / w, mode="valid")
         ax.plot(data[w - 1 :, 0], smooth, lw=1.5, label=f"mean of {w}")
     ax.set_xlabel("step")
-    ax.set_ylabel("ε-MSE")
+    ax.set_ylabel(f"{_LOSS_NAMES.get(prediction, prediction)} loss")
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()

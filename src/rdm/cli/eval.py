@@ -47,6 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's config)")
     p.add_argument("--eta", type=float, help="DDIM η (default: the run's config)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument(
+        "--clip-sample",
+        action=argparse.BooleanOptionalAction,
+        help="clip the predicted x_0 to [-1, 1] while sampling (default: the run's config)",
+    )
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="default ema")
     p.add_argument("--batch-size", type=int, default=16, help="samples per forward pass")
     p.add_argument("--top-m", type=float, help="--mode unconditional: top-m fraction of p(x̃)")
     p.add_argument("--pool-size", type=int, default=32, help="--mode class-pool: L (default 32)")
@@ -121,6 +127,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         steps=args.steps,
         eta=args.eta,
         guidance=args.guidance,
+        clip_sample=args.clip_sample,
+        weights=args.weights,
         batch_size=args.batch_size,
         top_m=args.top_m,
         pool_size=args.pool_size,

@@ -32,12 +32,44 @@ def register(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--resolution", type=int, help="image side in pixels")
     model.add_argument("--k", type=int, help="neighbours per image (default 4)")
     model.add_argument("--null-context", choices=("learned", "zeros"))
+    model.add_argument(
+        "--channels", type=_channels, dest="block_out_channels", help="UNet widths, e.g. 32,64,64"
+    )
+    model.add_argument(
+        "--image-channels",
+        type=int,
+        choices=(1, 3),
+        help="pixel channels the model generates (default: 1 when every training image is grey, "
+        "as the neighbours file records, else 3)",
+    )
+    diffusion = p.add_argument_group("diffusion (fixed once a run has started)")
+    diffusion.add_argument(
+        "--prediction",
+        choices=("epsilon", "v_prediction", "sample"),
+        dest="prediction_type",
+        help="what the network predicts: ε, v or x_0 (default: the preset's)",
+    )
+    diffusion.add_argument(
+        "--zero-snr",
+        action=argparse.BooleanOptionalAction,
+        dest="zero_terminal_snr",
+        help="rescale the betas to zero terminal SNR (needs --prediction v_prediction or sample)",
+    )
+    diffusion.add_argument("--schedule", choices=("scaled_linear", "linear", "cosine"))
+    diffusion.add_argument(
+        "--clip-sample",
+        action=argparse.BooleanOptionalAction,
+        help="clip the predicted x_0 to [-1, 1] while sampling (pixel space)",
+    )
     train = p.add_argument_group("training")
     train.add_argument("--steps", type=int, help="total steps (may be raised on --resume)")
     train.add_argument("--batch-size", type=int, help="images per step and process")
     train.add_argument("--lr", type=float)
     train.add_argument("--warmup", type=int, dest="warmup_steps", help="linear warm-up steps")
     train.add_argument("--ema-decay", type=float)
+    train.add_argument(
+        "--snr-gamma", type=float, help="min-SNR-γ loss weighting (Hang et al. 2023; 5 is usual)"
+    )
     train.add_argument("--p-uncond", type=float, help="guidance dropout of the neighbour set")
     train.add_argument(
         "--k-top-n",
@@ -66,6 +98,7 @@ TRAIN_FLAGS = (
     "lr",
     "warmup_steps",
     "ema_decay",
+    "snr_gamma",
     "p_uncond",
     "k_random_from_top_n",
     "mixed_precision",
@@ -115,7 +148,14 @@ def run(args: argparse.Namespace) -> int:
     # Apply the command-line overrides.
     model_changes = {
         name: getattr(args, name)
-        for name in ("resolution", "k", "null_context")
+        for name in ("resolution", "k", "null_context", "block_out_channels")
+        if getattr(args, name) is not None
+    }
+    if args.image_channels is not None:
+        model_changes["in_channels"] = args.image_channels
+    diffusion_changes = {
+        name: getattr(args, name)
+        for name in ("prediction_type", "zero_terminal_snr", "schedule", "clip_sample")
         if getattr(args, name) is not None
     }
     if args.baseline:
@@ -128,10 +168,13 @@ def run(args: argparse.Namespace) -> int:
     source = open_source(data.source)
     db = Database.open(data.db)
     neighbors = load_neighbors(data.neighbors)
+    if not (args.resume and saved.is_file()) and args.vae is None and args.image_channels is None:
+        model_changes["in_channels"] = default_image_channels(neighbors)
+    diffusion = replace(cfg.diffusion, **diffusion_changes)
     cfg = replace(
         cfg,
         model=replace(cfg.model, context_dim=db.dim, **model_changes),
-        diffusion=replace(cfg.diffusion, clip_sample=cfg.diffusion.clip_sample and not args.vae),
+        diffusion=replace(diffusion, clip_sample=diffusion.clip_sample and not args.vae),
         train=replace(cfg.train, **train_changes),
         data=data,
     )
@@ -143,3 +186,18 @@ def run(args: argparse.Namespace) -> int:
         f"{result.images_per_s:.1f} images/s); sample with 'rdm sample {result.run_dir} ...'"
     )
     return 0
+
+
+def default_image_channels(neighbors) -> int:
+    """1 when every training image is grey (recorded by ``rdm db neighbors``), else 3."""
+    return 1 if neighbors.meta.get("queries", {}).get("grayscale", False) else 3
+
+
+def _channels(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers like 32,64,64") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers like 32,64,64")
+    return widths

@@ -64,7 +64,7 @@ def evaluate(req: EvalRequest) -> dict:
     from rdm.pipeline import RDMPipeline
 
     t0 = time.time()
-    pipe = RDMPipeline.from_pretrained(req.run, req.db)
+    pipe = RDMPipeline.from_pretrained(req.run, req.db, weights=req.sampling.weights)
     cfg = pipe.config
     view = View(
         cfg.model.resolution, 1 if not cfg.model.latent and cfg.model.in_channels == 1 else 3
@@ -279,6 +279,8 @@ def _sampling_record(cfg, req: EvalRequest) -> dict:
         "steps": r.steps or s.steps,
         "eta": s.eta if r.eta is None else r.eta,
         "guidance": s.guidance_scale if r.guidance is None else r.guidance,
+        "clip_sample": cfg.diffusion.clip_sample if r.clip_sample is None else r.clip_sample,
+        "weights": r.weights,
         **({"top_m": r.top_m} if req.mode == "unconditional" else {}),
         **({"pool_size": r.pool_size} if req.mode == "class-pool" else {}),
     }

@@ -27,6 +27,8 @@ class Sampling:
     steps: int | None = None
     eta: float | None = None
     guidance: float | None = None
+    clip_sample: bool | None = None  # clip x̂_0 to [-1, 1] while sampling
+    weights: str = "ema"  # "ema" or "model" (the raw weights)
     batch_size: int = 16
     top_m: float | None = None  # unconditional: keep the top-m fraction of p(x̃)
     pool_size: int = 32  # class-pool: L
@@ -83,6 +85,7 @@ def sample(pipe, cond, seed: int, sampling: Sampling) -> list[Image.Image]:
         steps=sampling.steps,
         eta=sampling.eta,
         guidance_scale=sampling.guidance,
+        clip_sample=sampling.clip_sample,
         batch_size=sampling.batch_size,
     )
 
