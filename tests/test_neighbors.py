@@ -345,8 +345,8 @@ class GreyTinySource(TinySource):
 
 
 def test_grey_training_images_are_recorded_and_pick_a_one_channel_model(db_split, tmp_path):
-    from rdm.cli.train import default_image_channels
     from rdm.embedding import is_grey
+    from rdm.train import default_image_channels
 
     colour = run(db_split, tmp_path, k=4)
     assert colour.meta["queries"]["grayscale"] is False and default_image_channels(colour) == 3
@@ -356,5 +356,10 @@ def test_grey_training_images_are_recorded_and_pick_a_one_channel_model(db_split
     assert is_grey(one_coloured) and is_grey(one_coloured.convert("L"))
     one_coloured.putpixel((3, 3), (9, 9, 10))
     assert not is_grey(one_coloured)
-    del grey.meta["queries"]["grayscale"]  # files written before the flag: RGB, as before
+    del grey.meta["queries"]["grayscale"]  # files written before the flag: the source's word
     assert default_image_channels(grey) == 3
+    assert default_image_channels(grey, GreyTinySource(60)) == 3  # it declares nothing
+    declared = GreyTinySource(60)
+    declared.grayscale = True
+    assert default_image_channels(grey, declared) == 1
+    assert default_image_channels(colour, declared) == 3  # what was seen wins

@@ -221,3 +221,21 @@ def test_v_model_clipping_bounds_the_output(name):
     x = sample(name, wild, X_T[:4], cfg, 10)
     assert x.abs().max() <= 1 + 1e-6
     assert get_sampler(name) is not None
+
+
+def test_auto_precision_uses_bf16_only_where_it_is_native(monkeypatch):
+    import rdm.train
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(rdm.train, "_cpu_flags", lambda: {"avx512f", "avx2"})
+    assert rdm.train.resolve_precision("auto", cpu) == "no"
+    monkeypatch.setattr(rdm.train, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert rdm.train.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(rdm.train, "_cpu_flags", lambda: {"amx_bf16"})
+    assert rdm.train.resolve_precision("auto", cpu) == "bf16"
+    assert rdm.train.resolve_precision("no", cpu) == "no"
+    assert rdm.train.resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(rdm.train, "_cpu_flags", lambda: set())
+    assert rdm.train.resolve_precision("auto", cpu) == "no"
+    with pytest.raises(ConfigError, match="'auto', 'bf16' or 'no'"):
+        dataclasses.replace(preset("tiny").train, mixed_precision="fp16")

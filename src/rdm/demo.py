@@ -49,12 +49,16 @@ def demo_train_config(
     batch_size: int,
     seed: int,
     channels: tuple[int, ...] | None = None,
+    in_channels: int = 3,
 ):
-    """The run config of the demo model (``rdm demo --train`` and the shipped checkpoint)."""
+    """The run config of the demo model (``rdm demo --train`` and the shipped checkpoint):
+    the preset's recipe, at ``in_channels`` (1 for grey training images)."""
     from rdm.config import preset
 
     cfg = preset(preset_name)
-    cfg.model = dataclasses.replace(cfg.model, context_dim=context_dim, k=4)
+    cfg.model = dataclasses.replace(
+        cfg.model, context_dim=context_dim, k=4, in_channels=in_channels
+    )
     channels = channels or DEMO_CHANNELS.get(preset_name)
     if channels:
         cfg.model = dataclasses.replace(cfg.model, block_out_channels=tuple(channels))
@@ -130,17 +134,24 @@ def train_demo_model(cfg: DemoConfig, source, db, nn_path: Path) -> Path:
     import torch
 
     from rdm.neighbors import load_neighbors
-    from rdm.train import retrieval_dataset, train
+    from rdm.train import default_image_channels, retrieval_dataset, train
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    neighbors = load_neighbors(nn_path)
     run_cfg = demo_train_config(
-        cfg.preset, db.dim, cfg.steps, cfg.batch_size, cfg.seed, cfg.channels
+        cfg.preset,
+        db.dim,
+        cfg.steps,
+        cfg.batch_size,
+        cfg.seed,
+        cfg.channels,
+        in_channels=default_image_channels(neighbors, source),
     )
     run_cfg.data = dataclasses.replace(
         run_cfg.data, source=source.spec, split="train", db=str(db.root), neighbors=str(nn_path)
     )
-    dataset, run_cfg = retrieval_dataset(run_cfg, source, db, load_neighbors(nn_path))
+    dataset, run_cfg = retrieval_dataset(run_cfg, source, db, neighbors)
     run_dir = Path(cfg.out) / "run"
     resume = (run_dir / "config.json").is_file()
     train(run_cfg, run_dir, dataset, resume=resume)

@@ -51,6 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's config)")
     p.add_argument("--eta", type=float, help="DDIM η (default: the run's config)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale s")
+    p.add_argument(
+        "--clip-sample",
+        action=argparse.BooleanOptionalAction,
+        help="clip the predicted x_0 to [-1, 1] while sampling (default: the run's config)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     p.add_argument("--out", type=Path, required=True, help="output directory for PNGs and grid")
@@ -107,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         eta=args.eta,
         guidance_scale=args.guidance,
+        clip_sample=args.clip_sample,
         batch_size=args.batch_size,
     )
     for seed, image in zip(seeds, samples, strict=True):

@@ -77,7 +77,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         dest="k_random_from_top_n",
         help="draw the k neighbours at random from the top n stored",
     )
-    train.add_argument("--mixed-precision", choices=("bf16", "no"))
+    train.add_argument(
+        "--mixed-precision",
+        choices=("auto", "bf16", "no"),
+        help="auto (default): bf16 where the hardware has it natively, else fp32",
+    )
     train.add_argument("--seed", type=int)
     train.add_argument("--checkpoint-every", type=int)
     train.add_argument("--sample-every", type=int, help="sample grid every N steps (0: never)")
@@ -116,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from rdm.database import Database
     from rdm.model import vae_settings
     from rdm.neighbors import load_neighbors
-    from rdm.train import retrieval_dataset, train
+    from rdm.train import default_image_channels, retrieval_dataset, train
 
     if args.threads is not None:
         import torch
@@ -169,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     db = Database.open(data.db)
     neighbors = load_neighbors(data.neighbors)
     if not (args.resume and saved.is_file()) and args.vae is None and args.image_channels is None:
-        model_changes["in_channels"] = default_image_channels(neighbors)
+        model_changes["in_channels"] = default_image_channels(neighbors, source)
     diffusion = replace(cfg.diffusion, **diffusion_changes)
     cfg = replace(
         cfg,
@@ -186,11 +190,6 @@ def run(args: argparse.Namespace) -> int:
         f"{result.images_per_s:.1f} images/s); sample with 'rdm sample {result.run_dir} ...'"
     )
     return 0
-
-
-def default_image_channels(neighbors) -> int:
-    """1 when every training image is grey (recorded by ``rdm db neighbors``), else 3."""
-    return 1 if neighbors.meta.get("queries", {}).get("grayscale", False) else 3
 
 
 def _channels(text: str) -> tuple[int, ...]:

@@ -50,6 +50,9 @@ class Source(ABC):
 
     #: canonical spec, e.g. ``"fashion-mnist:/usr/share/datasets/fashion-mnist"``; stored in manifests
     spec: str
+    #: every image is grey (R = G = B) by construction; for sources that cannot say, the
+    #: neighbours computation records what it saw (rdm.train.default_image_channels)
+    grayscale: bool = False
 
     @abstractmethod
     def __len__(self) -> int: ...

@@ -46,6 +46,7 @@ class FashionMNIST(Source):
     """The 70k 28x28 greyscale Fashion-MNIST items; captions are class names."""
 
     CLASSES = CLASSES
+    grayscale = True
 
     def __init__(self, dir: str | Path | None = None) -> None:
         self.dir = Path(dir).expanduser().resolve() if dir else DEFAULT_DIR

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The recipe measurements of docs/training.md ("A recipe that converges on a CPU"), one arm at a
+# time: every arm is the 1.86M demo UNet (the small preset at half width) trained on the
+# Fashion-MNIST train split X with its 20 stored neighbours in D = the db split, 600 steps of
+# batch 64, seed 0, fp32; then measured by `rdm eval` on N test-image queries with the shipped
+# domain classifier's features.
+#
+#   bash bench/recipe.sh db                  # D and the neighbours of X (runs/fm-db)
+#   bash bench/recipe.sh train ARM [STEPS]   # train (or resume) runs/recipe/ARM
+#   bash bench/recipe.sh eval ARM NAME FLAGS # runs/recipe/eval/ARM-NAME with extra eval FLAGS
+#   python bench/recipe_table.py runs/recipe/eval/*
+#
+# Threads: one torch thread per job, two jobs side by side on the 2-core CPU.
+set -euo pipefail
+export OMP_NUM_THREADS=1
+DB=runs/fm-db
+COMMON=(--data fashion-mnist --db "$DB" --preset small --channels 32,64,64 --ema-decay 0.999
+        --mixed-precision no --checkpoint-every 200 --sample-every 0 --seed 0 --threads 1
+        --clip-sample)
+declare -A ARMS=(
+  [R0-eps-rgb-1e-4]="--image-channels 3 --prediction epsilon --lr 1e-4"
+  [R1-v-grey-5e-4]="--image-channels 1 --prediction v_prediction --lr 5e-4"
+  [R2-v-grey-5e-4-ztsnr]="--image-channels 1 --prediction v_prediction --lr 5e-4 --zero-snr"
+  [R3-v-grey-5e-4-minsnr5]="--image-channels 1 --prediction v_prediction --lr 5e-4 --snr-gamma 5"
+  [R4-eps-grey-5e-4]="--image-channels 1 --prediction epsilon --lr 5e-4"
+)
+case "${1:-}" in
+  db)
+    rdm db build fashion-mnist --split db --encoder default --out "$DB"
+    rdm db neighbors "$DB" --queries fashion-mnist --split train -k 20 ;;
+  train)
+    arm=$2; steps=${3:-600}; out=runs/recipe/$arm
+    resume=(); [[ -f $out/config.json ]] && resume=(--resume)
+    # shellcheck disable=SC2086
+    rdm train "${COMMON[@]}" ${ARMS[$arm]} --steps "$steps" --out "$out" "${resume[@]}" ;;
+  eval)
+    arm=$2; name=$3; shift 3
+    rdm eval "runs/recipe/$arm" --db "$DB" --n "${N:-500}" --features classifier --seed 0 \
+      --threads 1 --out "runs/recipe/eval/$arm-$name" "$@" ;;
+  *) sed -n 2,13p "$0"; exit 2 ;;
+esac

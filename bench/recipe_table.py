@@ -1,0 +1,78 @@
+"""Collect ``rdm eval`` reports into one markdown table (the recipe table of docs/training.md).
+
+    python bench/recipe_table.py runs/recipe/eval/*        # one row per eval directory
+
+Each row: the run's recipe (prediction, channels, lr, schedule, γ, steps), how it was sampled, FD
+beside its real-vs-real floor (and the ratio), KID, precision, recall, density, coverage,
+faithfulness, and the colour figures beside the real data's. Every figure comes from the
+eval.json the directory holds; nothing is computed here but ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def recipe(run: Path) -> dict:
+    cfg = json.loads((run / "config.json").read_text())
+    d, t, m = cfg["diffusion"], cfg["train"], cfg["model"]
+    pred = {"epsilon": "ε", "v_prediction": "v", "sample": "x₀"}[d["prediction_type"]]
+    extras = [d["schedule"]] + (["ZTSNR"] if d.get("zero_terminal_snr") else [])
+    if t.get("snr_gamma"):
+        extras.append(f"min-SNR γ={t['snr_gamma']:g}")
+    steps = _trained_steps(run) or t["steps"]
+    widths = ",".join(map(str, m["block_out_channels"]))
+    return {
+        "recipe": f"{pred}, {m['in_channels']} ch, lr {t['lr']:g}, {' '.join(extras)}, "
+        f"({widths}), {steps} steps",
+    }
+
+
+def _trained_steps(run: Path) -> int | None:
+    loss = run / "loss.csv"
+    if not loss.is_file():
+        return None
+    rows = [r for r in loss.read_text().splitlines()[1:] if r]
+    return int(rows[-1].split(",")[0]) if rows else None
+
+
+def row(eval_dir: Path) -> str:
+    r = json.loads((eval_dir / "eval.json").read_text())
+    m, fl, s = r["metrics"]["model"], r["metrics"]["floor"], r.get("sampling") or {}
+    c, fa = r["colour"], r.get("faithfulness") or {}
+    sampling = (
+        f"{s.get('sampler')}-{s.get('steps')} η={s.get('eta')} s={s.get('guidance')}"
+        f"{' clip' if s.get('clip_sample') else ''}{' raw' if s.get('weights') == 'model' else ''}"
+    )
+    return (
+        f"| {eval_dir.name} | {recipe(Path(r['run']))['recipe']} | {sampling} | {r['n']} | "
+        f"{m['fd']:.1f} ({fl['fd']:.1f}, {m['fd'] / fl['fd']:.1f}x) | {m['kid']:.4f} | "
+        f"{m['precision']:.2f} | {m['recall']:.2f} | {m['density']:.2f} | {m['coverage']:.2f} | "
+        f"{fa.get('share', float('nan')):.2f} | {c['samples']['brightness']:.3f} "
+        f"({c['real']['brightness']:.3f}) | {c['samples']['cast']:.3f} | "
+        f"{c['samples']['spread']:.3f} |"
+    )
+
+
+HEADER = (
+    "| eval | recipe | sampler | N | FD (floor, ratio) | KID | P | R | D | C | faithful "
+    "| brightness (real) | cast | spread |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def main(argv: list[str]) -> int:
+    dirs = [Path(a) for a in argv if (Path(a) / "eval.json").is_file()]
+    if not dirs:
+        print("usage: python bench/recipe_table.py EVAL_DIR ... (directories with eval.json)")
+        return 2
+    print(HEADER)
+    for d in dirs:
+        print(row(d))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
