@@ -11,8 +11,19 @@ Specs understood by :func:`load_encoder` (open_clip underneath):
                               ``preprocess_cfg``) and ``open_clip_model.safetensors``
 - ``ARCH:/path/to/file``      an open_clip architecture (``ViT-B-32``) and a local checkpoint
                               (``.safetensors``; ``.pt``/``.bin``/``.pth`` loaded with ``weights_only``)
-- ``ARCH:TAG``                an open_clip pretrained tag (``ViT-B-32:openai``); downloads, so it only
-                              works offline when the weights are already in the Hugging Face cache
+- ``ARCH:TAG``                an open_clip pretrained tag (``ViT-B-32-quickgelu:openai``); downloads, so
+                              it only works offline when the weights are already in the Hugging Face cache
+- ``SPEC#preprocess=release`` any of the above with the CompVis RDM release's query preprocessing
+                              (:func:`release_resize`) instead of open_clip's
+
+OpenAI's CLIP weights were trained with QuickGELU; open_clip's plain ``ViT-B-32`` uses GELU and,
+given those weights, silently computes different features. OpenAI weights are recognised (the
+``openai`` tag, or a file converted once by :func:`convert_openai_checkpoint` from OpenAI's
+TorchScript ``.pt``, which ``torch.load(weights_only=True)`` refuses) and refused under an
+architecture without QuickGELU, naming the ``-quickgelu`` one. Recognised OpenAI weights are
+recorded as ``"weights": "openai"`` in the identity, which then pairs by name, not by the
+checksum of one copy (:func:`identity_fingerprint`): the release's databases record OpenAI's
+ViT-B/32 (:func:`release_identity`) without the weights at hand.
 """
 
 from __future__ import annotations
@@ -21,9 +32,10 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,6 +62,22 @@ BATCH_SIZE = 256
 # smaller (test) models stay in exact, batch-independent fp32
 AUTOCAST_MIN_VISION_PARAMS = 1_000_000
 
+#: OpenAI CLIP's normalisation, also the CompVis RDM release's (``ClipImageRetriever``)
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+#: weights recognised by name: their identities pair by this name (see identity_fingerprint)
+NAMED_WEIGHTS = ("openai",)
+#: ``SPEC#preprocess=release``: the CompVis RDM release's query preprocessing
+PREPROCESS_OPTIONS = ("release",)
+RELEASE_RESIZE = (
+    "squash to image_size, bicubic align_corners=True, no antialias, no crop (CompVis RDM release)"
+)
+#: the release's encoder: OpenAI CLIP ViT-B/32 (QuickGELU) with the release's preprocessing
+RELEASE_ARCH = "ViT-B-32-quickgelu"
+RELEASE_SPEC = f"{RELEASE_ARCH}:openai#preprocess=release"
+#: safetensors metadata written by convert_openai_checkpoint
+META_WEIGHTS, META_TENSORS = "rdm_weights", "rdm_tensors_sha256"
+
 
 class EncoderSpecError(RdmError, ValueError):
     """An encoder spec that cannot be loaded; the message names the spec and the fix."""
@@ -75,18 +103,50 @@ class Encoder(ABC):
 
 
 def identity_fingerprint(identity: dict) -> str:
-    """Short stable hash of what an encoder computes (ignores where it was loaded from)."""
-    core = {k: v for k, v in identity.items() if k not in _LOCATION_KEYS}
+    """Short stable hash of what an encoder computes (ignores where it was loaded from).
+
+    Named weights (``"weights": "openai"``) are identified by that name: the checksum of the
+    copy that was loaded is kept for the record but not hashed, so an identity written without
+    the weights at hand (:func:`release_identity`) pairs with every copy of them."""
+    skip = _LOCATION_KEYS + (
+        ("weights_sha256",) if identity.get("weights") in NAMED_WEIGHTS else ()
+    )
+    core = {k: v for k, v in identity.items() if k not in skip}
     blob = json.dumps(core, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def describe_identity(identity: dict) -> str:
+    weights = identity.get("weights")
+    weights = (
+        f"{weights} weights"
+        if weights
+        else f"weights {str(identity.get('weights_sha256', '?'))[:12]}"
+    )
     return (
-        f"{identity.get('arch', '?')} d={identity.get('dim', '?')} "
-        f"weights {str(identity.get('weights_sha256', '?'))[:12]} "
+        f"{identity.get('arch', '?')} d={identity.get('dim', '?')} {weights} "
         f"({identity.get('spec', 'unknown location')})"
     )
+
+
+def release_identity(dim: int = 512) -> dict:
+    """The encoder identity of the CompVis RDM release's databases and models, without weights.
+
+    OpenAI CLIP ViT-B/32 (open_clip ``ViT-B-32-quickgelu`` with the ``openai`` weights), the
+    release's query preprocessing (``#preprocess=release``), d = ``dim``: 512 for the release,
+    the test fixture's tiny d for the fixture. An encoder loaded from OpenAI's weights with that
+    spec has the same fingerprint (see :func:`identity_fingerprint`), so queries pair with it."""
+    return {
+        "arch": RELEASE_ARCH,
+        "weights": "openai",
+        "weights_sha256": None,  # not known without the weights; named weights pair by name
+        "dim": int(dim),
+        "image_size": 224,
+        "mean": [float(v) for v in OPENAI_MEAN],
+        "std": [float(v) for v in OPENAI_STD],
+        "resize": RELEASE_RESIZE,
+        "spec": RELEASE_SPEC,
+    }
 
 
 def require_same_identity(a: dict, a_name: str, b: dict, b_name: str) -> None:
@@ -111,10 +171,30 @@ class EncoderSpec:
     local_dir: Path | None = None
     checkpoint: Path | None = None
     tag: str | None = None
+    preprocess: str | None = None  # "release" (``#preprocess=release``) or open_clip's own
+    weights: str | None = None  # named weights ("openai") claimed by the tag or the file
 
 
 def parse_spec(spec: str) -> EncoderSpec:
-    """Resolve a spec string (see module docstring) without loading any weights."""
+    """Resolve a spec string (see module docstring) without loading any weights.
+
+    Refuses OpenAI weights (the ``openai`` tag, an rdm-converted OpenAI file) under an
+    architecture without QuickGELU, and OpenAI's TorchScript files (convert them once)."""
+    base, sep, option = spec.rpartition("#")
+    if not sep or not option.startswith("preprocess="):
+        return _check_quick_gelu(_parse_location(spec))
+    preprocess = option.removeprefix("preprocess=")
+    if preprocess not in PREPROCESS_OPTIONS:
+        raise EncoderSpecError(
+            f"unknown preprocessing {preprocess!r} in encoder spec {spec!r}; valid: "
+            f"{', '.join(f'#preprocess={o}' for o in PREPROCESS_OPTIONS)} (or none: open_clip's)"
+        )
+    parsed = _check_quick_gelu(_parse_location(base))
+    return replace(parsed, spec=f"{parsed.spec}#preprocess={preprocess}", preprocess=preprocess)
+
+
+def _parse_location(spec: str) -> EncoderSpec:
+    """Where the weights are: 'default', a local dir, ARCH:TAG or ARCH:/path/to/checkpoint."""
     if spec == "default":
         if not (DEFAULT_DIR / CONFIG_NAME).is_file():
             raise EncoderSpecError(
@@ -141,10 +221,21 @@ def parse_spec(spec: str) -> EncoderSpec:
 
     tags = list_pretrained_tags_by_model(arch)
     if rest.lower().replace("-", "_") in tags:
-        return EncoderSpec(spec=f"{arch}:{rest}", arch=arch, tag=rest)
+        weights = "openai" if rest.lower() == "openai" else None
+        return EncoderSpec(spec=f"{arch}:{rest}", arch=arch, tag=rest, weights=weights)
     file = Path(rest).expanduser()
     if file.is_file():
-        return EncoderSpec(spec=f"{arch}:{file.resolve()}", arch=arch, checkpoint=file.resolve())
+        file = file.resolve()
+        if _is_torchscript(file):
+            raise EncoderSpecError(
+                f"{file} is a TorchScript archive (OpenAI's CLIP release format), which "
+                "torch.load(weights_only=True) refuses and rdm never loads implicitly: convert it "
+                f"once with 'rdm encoder convert-openai {file} --out "
+                f"{file.with_suffix('.safetensors')}', then pass "
+                f"'{_quick_gelu_arch(arch)}:{file.with_suffix('.safetensors')}'"
+            )
+        weights = checkpoint_metadata(file).get(META_WEIGHTS)
+        return EncoderSpec(spec=f"{arch}:{file}", arch=arch, checkpoint=file, weights=weights)
     if file.suffix in CHECKPOINT_SUFFIXES or "/" in rest or os.sep in rest:
         raise EncoderSpecError(f"checkpoint file {rest} for encoder {arch} does not exist")
     raise EncoderSpecError(
@@ -162,6 +253,158 @@ def _check_arch(arch: str, spec: str) -> None:
             f"unknown open_clip architecture {arch!r} in encoder spec {spec!r}; valid ones include "
             f"{examples} (open_clip.list_models() lists all), or pass an open_clip local directory"
         )
+
+
+def _check_quick_gelu(parsed: EncoderSpec) -> EncoderSpec:
+    """Refuse weights trained with QuickGELU (OpenAI's; some of open_clip's tags) under an
+    architecture that uses GELU: open_clip would load them and silently compute other features."""
+    if parsed.arch is None:  # a local dir's config says which activation its weights need
+        return parsed
+    import open_clip
+
+    trained_quick = parsed.weights == "openai"
+    if parsed.tag is not None:
+        trained_quick = bool(
+            open_clip.get_pretrained_cfg(parsed.arch, parsed.tag).get("quick_gelu")
+        )
+    if trained_quick and not open_clip.get_model_config(parsed.arch).get("quick_gelu", False):
+        where = parsed.tag or parsed.checkpoint
+        fixed = f"{_quick_gelu_arch(parsed.arch)}:{where}"
+        raise EncoderSpecError(
+            f"encoder spec {parsed.spec!r}: the {parsed.weights or parsed.tag} weights were trained "
+            f"with QuickGELU, but open_clip's {parsed.arch} uses GELU and would silently compute "
+            f"different features; use '{fixed}'"
+        )
+    return parsed
+
+
+def _quick_gelu_arch(arch: str) -> str:
+    """The QuickGELU variant of an open_clip architecture (``ViT-B-32`` -> ``ViT-B-32-quickgelu``)."""
+    import open_clip
+
+    if arch.endswith("-quickgelu") or open_clip.get_model_config(arch or "").get("quick_gelu"):
+        return arch
+    if f"{arch}-quickgelu" in open_clip.list_models():
+        return f"{arch}-quickgelu"
+    return f"<an architecture like {arch} with quick_gelu: true>"
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (``torch.jit.save``: a zip with ``constants.pkl`` and ``code/``), the
+    format of OpenAI's CLIP files, as opposed to a ``torch.save`` state dict."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def checkpoint_metadata(path: Path) -> dict:
+    """The string metadata of a ``.safetensors`` file (empty for other formats or none)."""
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError):
+        return {}  # not readable as safetensors: loading it reports the problem
+
+
+# --- OpenAI's TorchScript files -----------------------------------------------------------------
+
+
+def openai_checkpoints() -> dict[str, str]:
+    """sha256 of OpenAI's released CLIP files -> open_clip architecture, e.g. ``40d36571…`` ->
+    ``ViT-B-32``. The hash is the one in OpenAI's download URL (open_clip's ``openai`` tags),
+    which OpenAI's and open_clip's downloaders check the file against."""
+    import open_clip
+
+    known = {}
+    for arch, tag in open_clip.list_pretrained():
+        url = open_clip.get_pretrained_cfg(arch, tag).get("url", "") if tag == "openai" else ""
+        if "openaipublic" in url:
+            known[url.split("/")[-2]] = arch
+    return known
+
+
+def convert_openai_checkpoint(src: str | Path, out: str | Path) -> Path:
+    """Convert OpenAI's TorchScript CLIP file (e.g. ``ViT-B-32.pt``) once into ``out``, a
+    ``.safetensors`` state dict that :func:`load_encoder` reads without pickle.
+
+    ``torch.load(weights_only=True)`` refuses TorchScript archives (torch >= 2.6), so this
+    explicit, one-time step is the only place rdm calls ``torch.jit.load`` on a file: it
+    deserialises TorchScript (compiled by torch's own interpreter, not Python pickle globals) but
+    runs no forward. When the file's sha256 is that of one of OpenAI's releases
+    (:func:`openai_checkpoints`), ``out`` records ``rdm_weights = "openai"`` and the sha256 of
+    its tensors, so its identity pairs with the release (:func:`release_identity`)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from rdm.io import atomic_write, sha256_file
+
+    src, out = Path(src), Path(out)
+    if not src.is_file():
+        raise EncoderSpecError(f"OpenAI checkpoint {src} does not exist")
+    if out.suffix != ".safetensors":
+        raise EncoderSpecError(f"--out {out} must end in .safetensors")
+    if not _is_torchscript(src):
+        raise EncoderSpecError(
+            f"{src} is not a TorchScript archive (OpenAI's format); if it holds a state dict, pass "
+            "it directly as ARCH:FILE (it is read with torch.load(weights_only=True))"
+        )
+    require_writable(out, what="converted checkpoint")
+    sha = sha256_file(src)
+    arch = openai_checkpoints().get(sha)
+    try:
+        module = torch.jit.load(str(src), map_location="cpu")
+    except RuntimeError as exc:  # a damaged or truncated archive
+        raise EncoderSpecError(f"{src} cannot be read as TorchScript ({exc})") from None
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    for key in ("input_resolution", "context_length", "vocab_size"):  # as open_clip drops them
+        state.pop(key, None)
+    metadata = {"rdm_converted_from": src.name, "rdm_source_sha256": sha}
+    if arch is not None:
+        metadata |= {
+            META_WEIGHTS: "openai",
+            "rdm_arch": _quick_gelu_arch(arch),
+            META_TENSORS: tensors_sha256(state),
+        }
+    atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    return out
+
+
+def tensors_sha256(state: dict) -> str:
+    """sha256 over (name, shape, dtype, bytes) of a state dict's tensors in sorted key order: the
+    tensors of a converted file, unchanged since conversion."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes, any dtype
+    return h.hexdigest()
+
+
+def _verified_weights(parsed: EncoderSpec) -> str | None:
+    """The named weights of ``parsed``: a tag's claim as is; a converted file's only while its
+    tensors are those it was converted with (a file edited since is other weights)."""
+    if parsed.weights is None or parsed.checkpoint is None:
+        return parsed.weights
+    from safetensors.torch import load_file
+
+    expected = checkpoint_metadata(parsed.checkpoint).get(META_TENSORS)
+    if expected and tensors_sha256(load_file(str(parsed.checkpoint))) == expected:
+        return parsed.weights
+    print(
+        f"note: {parsed.checkpoint} says it holds {parsed.weights} weights, but its tensors "
+        "changed since it was converted: its identity records its own checksum",
+        file=sys.stderr,
+    )
+    return None
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -199,10 +442,17 @@ def _create_model(parsed: EncoderSpec) -> torch.nn.Module:
 
 def _load_failure(parsed: EncoderSpec, exc: Exception) -> str:
     if parsed.tag is not None:
+        option = f"#preprocess={parsed.preprocess}" if parsed.preprocess else ""
+        openai = (
+            " (OpenAI's TorchScript file, e.g. ViT-B-32.pt, converted once with 'rdm encoder "
+            "convert-openai FILE.pt --out FILE.safetensors')"
+            if parsed.weights == "openai"
+            else ""
+        )
         return (
             f"weights for encoder {parsed.spec} are not available offline ({exc}); download the "
-            f"checkpoint on a connected machine and pass {parsed.arch}:/path/to/checkpoint, or an "
-            f"open_clip local directory"
+            f"checkpoint on a connected machine and pass "
+            f"{parsed.arch}:/path/to/checkpoint{option}{openai}, or an open_clip local directory"
         )
     where = parsed.local_dir or parsed.checkpoint
     return f"could not load encoder weights from {where}: {exc}"
@@ -220,10 +470,17 @@ class OpenClipEncoder(Encoder):
         self.device = device
         self.autocast = _default_autocast(model, device) if autocast is None else autocast
         self.preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
+        if parsed.preprocess == "release":  # the CompVis RDM release's (release_resize)
+            self.preprocess_cfg = {
+                **self.preprocess_cfg,
+                "resize_mode": "release",
+                "mean": OPENAI_MEAN,
+                "std": OPENAI_STD,
+            }
         self.tokenizer = open_clip.get_tokenizer(
             f"local-dir:{parsed.local_dir}" if parsed.local_dir else parsed.arch
         )
-        self.identity = _identity(model, parsed, self.preprocess_cfg)
+        self.identity = _identity(model, parsed, self.preprocess_cfg, _verified_weights(parsed))
 
     # -- images --
 
@@ -327,11 +584,30 @@ def _check_pixels(pixels: np.ndarray) -> np.ndarray:
 
 
 def preprocess(pixels: torch.Tensor, cfg: dict) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, S, S): resize, crop/pad and normalise like open_clip."""
+    """uint8 (B, H, W, 3) -> float32 (B, 3, S, S): resize, crop/pad and normalise like open_clip
+    (or like the CompVis RDM release, ``resize_mode`` "release": :func:`release_resize`)."""
     from torchvision.transforms.v2 import functional as TF
 
+    if cfg.get("resize_mode") == "release":
+        return normalize(release_resize(pixels, cfg), cfg)
     x = TF.to_dtype(resize_crop(pixels, cfg), scale=True)  # (B, 3, S, S) float32 in [0, 1]
     return normalize(x, cfg)
+
+
+def release_resize(pixels: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, S, S), about [0, 1]: the release's query resize.
+
+    ``ClipImageRetriever.preprocess`` of the CompVis RDM release: the image in [-1, 1] is
+    squashed to S × S (no aspect-preserving resize, no centre crop) by kornia's ``resize``,
+    i.e. bicubic ``F.interpolate`` with ``align_corners=True`` and no antialiasing, in float,
+    then mapped to [0, 1]. Bicubic may overshoot [0, 1] a little; the release does not clamp."""
+    import torch.nn.functional as F
+
+    x = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+    size = _pair(cfg["size"])
+    if tuple(x.shape[-2:]) != size:  # kornia returns the input unchanged at the target size
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=True)
+    return (x + 1.0) / 2.0
 
 
 def resize_crop(pixels: torch.Tensor, cfg: dict) -> torch.Tensor:
@@ -388,19 +664,22 @@ def _pair(size) -> tuple[int, int]:
 # --- identity -----------------------------------------------------------------------------------
 
 
-def _identity(model, parsed: EncoderSpec, preprocess_cfg: dict) -> dict:
+def _identity(model, parsed: EncoderSpec, preprocess_cfg: dict, weights: str | None) -> dict:
     size = _pair(preprocess_cfg["size"])
+    resize = (
+        f"{preprocess_cfg.get('resize_mode', 'shortest')} {preprocess_cfg.get('interpolation', 'bicubic')}"
+        " antialias, center crop"
+    )
+    named = {"weights": weights} if weights else {}  # recognised weights pair by name
     return {
         "arch": parsed.arch or _dir_arch(parsed.local_dir),
+        **named,
         "weights_sha256": weights_sha256(model),
         "dim": _embed_dim(model),
         "image_size": size[0] if size[0] == size[1] else list(size),
         "mean": [float(v) for v in preprocess_cfg["mean"]],
         "std": [float(v) for v in preprocess_cfg["std"]],
-        "resize": (
-            f"{preprocess_cfg.get('resize_mode', 'shortest')} {preprocess_cfg.get('interpolation', 'bicubic')}"
-            " antialias, center crop"
-        ),
+        "resize": RELEASE_RESIZE if preprocess_cfg.get("resize_mode") == "release" else resize,
         "spec": parsed.spec,
     }
 

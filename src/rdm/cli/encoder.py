@@ -49,6 +49,17 @@ def register(subparsers) -> None:
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(func=run_eval)
 
+    convert = sub.add_parser(
+        "convert-openai",
+        help="convert OpenAI's TorchScript CLIP file (ViT-B-32.pt) once into .safetensors",
+        description="torch.load(weights_only=True) refuses OpenAI's TorchScript files; this "
+        "explicit one-time step reads one with torch.jit.load and writes its state dict as "
+        "safetensors, recognised as OpenAI's weights when its sha256 is OpenAI's.",
+    )
+    convert.add_argument("checkpoint", type=Path, help="OpenAI's .pt file, e.g. ViT-B-32.pt")
+    convert.add_argument("--out", type=Path, required=True, help="output .safetensors file")
+    convert.set_defaults(func=run_convert_openai)
+
 
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, defaults) -> None:
     """One ``--flag`` per config field, typed from its default value."""
@@ -87,4 +98,21 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"encoder {describe_identity(encoder.identity)}")
     for name, value in evaluate_encoder(encoder, k=args.k, spec=args.data).items():
         print(f"  {name}: {value}")
+    return 0
+
+
+def run_convert_openai(args: argparse.Namespace) -> int:
+    from rdm.encoders import META_WEIGHTS, checkpoint_metadata, convert_openai_checkpoint
+
+    out = convert_openai_checkpoint(args.checkpoint, args.out)
+    meta = checkpoint_metadata(out)
+    if meta.get(META_WEIGHTS):
+        arch = meta["rdm_arch"]
+        print(f"wrote {out}: OpenAI's {arch} weights; use --encoder '{arch}:{out.resolve()}'")
+    else:
+        print(
+            f"wrote {out}; sha256 {meta['rdm_source_sha256']} is none of OpenAI's releases, so its "
+            "weights are not recognised as OpenAI's (use --encoder 'ARCH-quickgelu:FILE' if they "
+            "were trained with QuickGELU)"
+        )
     return 0
