@@ -137,6 +137,7 @@ def test_latent_model_with_saved_autoencoder(tmp_path):
         "in_channels": 4,
         "latent_downsample": 2,
         "vae_scale_factor": 0.5,
+        "first_stage": "kl",
     }
     cfg = replace(preset("tiny").model, resolution=16, **settings)
     loaded = load_vae(cfg)

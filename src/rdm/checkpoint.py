@@ -111,12 +111,14 @@ def load_run(run_dir: str | Path, weights: str = "ema", device: str | torch.devi
     weights are checked against the sha256 that ``config.json`` (or the checkpoint's
     ``state.json``) recorded; a run saved before rdm recorded checksums loads with a note.
     """
-    from rdm.model import RetrievalUNet
+    from rdm.model import RetrievalUNet, resolve_vae_path
 
     if weights not in ("ema", "model"):
         raise CheckpointError(f"weights={weights!r}: use 'ema' or 'model'")
     run_dir = Path(run_dir)
     cfg = RunConfig.from_json(run_dir / "config.json")
+    # a first stage kept inside the run (an imported official run's) is found wherever it moves
+    cfg.model.vae_path = resolve_vae_path(cfg.model.vae_path, run_dir)
     path = run_dir / f"{weights}.safetensors"
     recorded = cfg.weights_sha256
     if not path.is_file():

@@ -58,6 +58,9 @@ class ModelConfig:
     vae_path: str | None = None  # local directory readable by AutoencoderKL.from_pretrained
     vae_scale_factor: float | None = None  # latents are multiplied by this before diffusion
     latent_downsample: int = 1  # image side / latent side (1 in pixel space)
+    # the autoencoder's kind: "kl" (diffusers AutoencoderKL) or "vq" (VQModel, decoded through its
+    # quantiser, as the official RDMs' VQ-f4 first stage; rdm.model.load_vae)
+    first_stage: str = "kl"
 
     def __post_init__(self) -> None:
         levels = len(self.block_out_channels)
@@ -74,6 +77,8 @@ class ModelConfig:
                 )
         if self.null_context not in ("learned", "zeros"):
             raise ConfigError(f"model.null_context={self.null_context!r}: use 'learned' or 'zeros'")
+        if self.first_stage not in ("kl", "vq"):
+            raise ConfigError(f"model.first_stage={self.first_stage!r}: use 'kl' or 'vq'")
         if self.latent and not self.vae_path:
             raise ConfigError("model.latent is true but model.vae_path is empty: give --vae DIR")
         if self.resolution % (self.latent_downsample * 2 ** (levels - 1)):

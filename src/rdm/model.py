@@ -10,8 +10,9 @@ Classifier-free guidance needs a null context ∅ that stands for "no neighbours
 parameter, or all zeros (what the released code feeds at sampling time). The *baseline* is the same
 UNet that only ever sees ∅, so it is fully parametric with the same parameter count.
 
-Latent-space models keep a frozen diffusers ``AutoencoderKL`` beside the UNet (never trained, never
-saved with the run, referenced by its directory in the config).
+Latent-space models keep a frozen diffusers ``AutoencoderKL`` or ``VQModel`` (``model.first_stage``)
+beside the UNet (never trained, never saved with the run's weights, referenced by its directory in
+the config).
 """
 
 from __future__ import annotations
@@ -114,65 +115,109 @@ class VaeError(RdmError):
     """An autoencoder directory that cannot be loaded or does not match the model config."""
 
 
+#: ModelConfig.first_stage -> the diffusers class saved in the autoencoder's directory
+FIRST_STAGE_CLASSES = {"kl": "AutoencoderKL", "vq": "VQModel"}
+
+
 def vae_settings(vae_dir: str | Path) -> dict:
-    """The ModelConfig fields implied by an AutoencoderKL directory (reads its config.json only)."""
+    """The ModelConfig fields implied by an autoencoder directory (reads its config.json only):
+    a diffusers ``AutoencoderKL`` or ``VQModel`` saved with ``save_pretrained``."""
     from diffusers import AutoencoderKL
 
     vae_dir = Path(vae_dir)
     try:
-        conf = AutoencoderKL.load_config(vae_dir)
+        conf = AutoencoderKL.load_config(vae_dir)  # ConfigMixin: reads config.json of any class
     except (OSError, ValueError) as exc:
         raise VaeError(
-            f"{vae_dir} is not an AutoencoderKL directory (config.json + weights saved with "
-            f"save_pretrained): {exc}"
+            f"{vae_dir} is not an AutoencoderKL directory (nor a VQModel one): config.json + "
+            f"weights saved with save_pretrained: {exc}"
         ) from None
+    class_name = conf.get("_class_name", "AutoencoderKL")  # hand-written configs: the old default
+    kinds = {name: kind for kind, name in FIRST_STAGE_CLASSES.items()}
+    if class_name not in kinds:
+        raise VaeError(
+            f"{vae_dir} holds a {class_name}; rdm's first stage is an AutoencoderKL or a VQModel"
+        )
+    kind = kinds[class_name]
+    # the diffusion runs on what encode() returns: a VQModel's quant_conv output has vq_embed_dim
+    # channels (its latent_channels are the encoder's z before quant_conv)
+    channels = conf["latent_channels"]
+    if kind == "vq" and conf.get("vq_embed_dim") is not None:
+        channels = conf["vq_embed_dim"]
     return {
         "latent": True,
         "vae_path": str(vae_dir),
-        "in_channels": int(conf["latent_channels"]),
+        "in_channels": int(channels),
         "latent_downsample": 2 ** (len(conf["block_out_channels"]) - 1),
         "vae_scale_factor": float(conf.get("scaling_factor", 1.0)),
+        "first_stage": kind,
     }
 
 
+def resolve_vae_path(vae_path: str | None, run_dir: str | Path) -> str | None:
+    """``vae_path`` as stored in a run's config: a relative path names a directory inside the run
+    (an imported official run keeps its first stage in ``RUN/first_stage``) when one is there,
+    else it stays relative to the working directory (what ``rdm train --vae DIR`` records)."""
+    if vae_path is None or Path(vae_path).is_absolute():
+        return vae_path
+    inside = Path(run_dir) / vae_path
+    return str(inside) if inside.is_dir() else vae_path
+
+
 def load_vae(cfg: ModelConfig, device: str | torch.device = "cpu"):
-    """The frozen autoencoder of a latent model (None in pixel space), checked against ``cfg``."""
+    """The frozen autoencoder of a latent model (None in pixel space), checked against ``cfg``:
+    an ``AutoencoderKL`` or a ``VQModel`` as ``cfg.first_stage`` says."""
     if not cfg.latent:
         return None
-    from diffusers import AutoencoderKL
+    import diffusers
 
     expected = vae_settings(cfg.vae_path)
-    for key in ("in_channels", "latent_downsample"):
+    for key in ("first_stage", "in_channels", "latent_downsample"):
         if expected[key] != getattr(cfg, key):
             raise VaeError(
-                f"autoencoder {cfg.vae_path} gives {key}={expected[key]} but the model config "
-                f"says {getattr(cfg, key)}; this run was trained with another autoencoder"
+                f"autoencoder {cfg.vae_path} gives {key}={expected[key]!r} but the model config "
+                f"says {getattr(cfg, key)!r}; this run was trained with another autoencoder"
             )
-    vae = AutoencoderKL.from_pretrained(cfg.vae_path).to(device).eval().requires_grad_(False)
+    cls = getattr(diffusers, FIRST_STAGE_CLASSES[cfg.first_stage])
+    vae = cls.from_pretrained(cfg.vae_path).to(device).eval().requires_grad_(False)
     return vae
+
+
+def _is_vq(vae) -> bool:
+    from diffusers import VQModel
+
+    return isinstance(vae, VQModel)
 
 
 def encode(
     vae, x: torch.Tensor, cfg: ModelConfig, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Images in [-1, 1] (B, 3, H, W) -> what the diffusion runs on: the images themselves in
-    pixel space, their luma (B, 1, H, W) for a 1-channel model, or the latents."""
+    pixel space, their luma (B, 1, H, W) for a 1-channel model, or the latents (B, c, h, w):
+    a sample of an AutoencoderKL's posterior, or a VQModel's quant_conv(encoder(x)) *before*
+    quantisation (LDM's encode_first_stage; the quantiser acts in :func:`decode`)."""
     if vae is None:
         if cfg.in_channels == 1 and x.shape[1] == 3:  # ITU-R 601 luma; grey data: R = G = B
             return torch.tensordot(x, x.new_tensor(LUMA), dims=([1], [0])).unsqueeze(1)
         return x
     with torch.no_grad():
-        z = vae.encode(x.to(vae.dtype)).latent_dist.sample(generator)
+        out = vae.encode(x.to(vae.dtype))
+        z = out.latents if _is_vq(vae) else out.latent_dist.sample(generator)
     return z.float() * _scale(cfg)
 
 
 def decode(vae, z: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """Inverse of :func:`encode`: diffusion space -> images, roughly in [-1, 1] (B, C, H, W),
-    C = 1 for a grey pixel model (:func:`rdm.sampling.to_uint8` repeats it to RGB)."""
+    C = 1 for a grey pixel model (:func:`rdm.sampling.to_uint8` repeats it to RGB). A VQModel
+    snaps each latent vector to its nearest codebook entry first, as the official RDMs decode
+    (LDM's VQModelInterface.decode); skipping that changes the images."""
     if vae is None:
         return z
+    h = (z / _scale(cfg)).to(vae.dtype)
     with torch.no_grad():
-        return vae.decode((z / _scale(cfg)).to(vae.dtype)).sample.float()
+        if _is_vq(vae):
+            return vae.decode(h, force_not_quantize=False).sample.float()
+        return vae.decode(h).sample.float()
 
 
 def _scale(cfg: ModelConfig) -> float:
