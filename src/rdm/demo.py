@@ -78,9 +78,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Path]:
     """Build what is missing, then write ``image.png``, ``text.png`` and ``unconditional.png``."""
     from rdm import conditioning as C
     from rdm.data import open_source
-    from rdm.database import Database, build_database
     from rdm.encoders import load_encoder
-    from rdm.neighbors import compute_neighbors
     from rdm.pipeline import RDMPipeline
     from rdm.sheets import save_png
 
@@ -89,11 +87,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Path]:
     source = open_source(cfg.source)
     encoder = load_encoder(cfg.encoder)
 
-    # Database D and the training neighbours of X (both resume / no-op when already built).
-    db = Database.open(build_database(source, "db", encoder, out / "db"))
-    nn_path = out / "db" / "neighbors-train.safetensors"
-    if not nn_path.is_file():
-        compute_neighbors(db, source, "train", encoder, k=min(20, len(db)), out=nn_path)
+    db, nn_path = demo_database(out, source, encoder)
 
     # The model: shipped, or re-created from scratch.
     run_dir = SHIPPED_RUN
@@ -127,6 +121,19 @@ def run_demo(cfg: DemoConfig) -> dict[str, Path]:
         print(f"rdm demo: wrote {written[name]}")
     print(f"rdm demo: done in {time.perf_counter() - t0:.0f} s (model: {run_dir})")
     return written
+
+
+def demo_database(out: Path, source, encoder):
+    """Database D = the ``db`` half of ``source`` in ``out/db`` and the training neighbours of X
+    (which give p(x̃)), both built on first use and resumed or reused after: (Database, path)."""
+    from rdm.database import Database, build_database
+    from rdm.neighbors import compute_neighbors
+
+    db = Database.open(build_database(source, "db", encoder, Path(out) / "db"))
+    nn_path = db.root / "neighbors-train.safetensors"
+    if not nn_path.is_file():
+        compute_neighbors(db, source, "train", encoder, k=min(20, len(db)), out=nn_path)
+    return db, nn_path
 
 
 def train_demo_model(cfg: DemoConfig, source, db, nn_path: Path) -> Path:

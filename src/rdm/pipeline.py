@@ -91,7 +91,6 @@ class RDMPipeline:
         """
         from rdm.checkpoint import load_run
         from rdm.model import load_vae
-        from rdm.neighbors import load_neighbors
 
         model, cfg = load_run(run_dir, weights=weights, device=device)
         if db is None:
@@ -103,24 +102,36 @@ class RDMPipeline:
             encoder = load_encoder(encoder)
         if encoder is not None:
             db.require_encoder(encoder)
-        prob = None
-        default_nn = db.root / "neighbors-train.safetensors"
-        if neighbors is not None or default_nn.is_file():
-            nn = load_neighbors(neighbors or default_nn)
-            if neighbors is not None:
-                nn.require_database(db)  # an explicit file must fit; a default one may be stale
-            if nn.meta.get("db_fingerprint") == db.fingerprint:
-                prob = nn.pq_prob
         vae = load_vae(cfg.model, device) if cfg.model.latent else None
         return cls(
             model,
             cfg,
             db,
             encoder=encoder,
-            pseudo_query_prob=prob,
+            pseudo_query_prob=pseudo_query_prob(db, neighbors),
             vae=vae,
             device=device,
             run_dir=Path(run_dir),
+        )
+
+    def with_database(
+        self, db: str | Path | Database, *, neighbors: str | Path | None = None
+    ) -> RDMPipeline:
+        """The same model (shared, not copied) retrieving from another database ``db``; one of
+        another encoder identity is refused. p(x̃) comes from ``neighbors`` or ``db``'s own
+        neighbours file, as in :meth:`from_pretrained`."""
+        db = db if isinstance(db, Database) else Database.open(db)
+        if self._encoder is not None:
+            db.require_encoder(self._encoder)
+        return RDMPipeline(
+            self.model,
+            self.config,
+            db,
+            encoder=self._encoder,
+            pseudo_query_prob=pseudo_query_prob(db, neighbors),
+            vae=self.vae,
+            device=self.device,
+            run_dir=self.run_dir,
         )
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
@@ -248,6 +259,20 @@ class RDMPipeline:
                 Image.fromarray(p) for p in to_uint8(decode(self.vae, x0, self.config.model))
             ]
         return images
+
+
+def pseudo_query_prob(db: Database, neighbors: str | Path | None = None) -> np.ndarray | None:
+    """p(x̃) (N_db,) of ``db`` from the neighbours file ``neighbors`` (which must fit ``db``) or,
+    by default, ``DB/neighbors-train.safetensors`` when it exists and matches; else None."""
+    from rdm.neighbors import load_neighbors
+
+    default_nn = db.root / "neighbors-train.safetensors"
+    if neighbors is None and not default_nn.is_file():
+        return None
+    nn = load_neighbors(neighbors or default_nn)
+    if neighbors is not None:
+        nn.require_database(db)  # an explicit file must fit; a default one may be stale
+    return nn.pq_prob if nn.meta.get("db_fingerprint") == db.fingerprint else None
 
 
 def _in_batch(callback: Callback | None, batch: int, batches: int) -> Callback | None:

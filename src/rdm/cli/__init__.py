@@ -13,7 +13,7 @@ import sys
 from rdm.errors import RdmError
 
 # modules under rdm.cli that add subcommands, in data-flow order
-STAGES = ("encoder", "db", "importer", "train", "sample", "eval", "demo")
+STAGES = ("encoder", "db", "importer", "train", "sample", "eval", "demo", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
