@@ -88,6 +88,7 @@ def test_first_stage_decodes_through_the_quantiser_and_encodes(run_dir, referenc
 def test_schedule_config_and_diffusers_layout(run_dir, reference):
     from rdm.checkpoint import load_run
     from rdm.diffusion import make_scheduler
+    from rdm.encoders import release_identity
 
     model, cfg = load_run(run_dir)
     alphas = make_scheduler(cfg.diffusion).alphas_cumprod
@@ -143,6 +144,7 @@ def test_schedule_config_and_diffusers_layout(run_dir, reference):
     vq = json.loads((run_dir / "first_stage" / "config.json").read_text())
     assert vq["_class_name"] == "VQModel"
     assert (vq["num_vq_embeddings"], vq["vq_embed_dim"], vq["scaling_factor"]) == (64, 3, 1.0)
+    assert cfg.encoder == release_identity(16)  # OpenAI CLIP ViT-B/32 QuickGELU, d = 16 here
     official = json.loads((run_dir / "official.json").read_text())
     assert official["weights"] == ["ema", "model"] and official["ema_num_updates"] == 2
     assert official["stubbed_globals"] == [
@@ -192,11 +194,24 @@ def tiny_db(tmp_path_factory):
     return build_database(TinySource(24), "all", ProjectionEncoder(16), root / "db", progress=False)
 
 
-def test_pipeline_and_rdm_sample_load_the_imported_run(run_dir, tiny_db, tmp_path, capsys):
+def test_pipeline_and_rdm_sample_load_the_imported_run(run_dir, tiny_db, tmp_path):
+    from fakes_retrieval import ProjectionEncoder
+
     from rdm import conditioning as C
+    from rdm.database import Database
+    from rdm.errors import IdentityMismatch
+    from rdm.official.checkpoint import import_checkpoint
     from rdm.pipeline import RDMPipeline
 
-    pipe = RDMPipeline.from_pretrained(run_dir, tiny_db)
+    # the run records the release's encoder by default; a database of another one is refused
+    with pytest.raises(IdentityMismatch, match="ViT-B-32-quickgelu"):
+        RDMPipeline.from_pretrained(run_dir, tiny_db)
+    run = tmp_path / "run"
+    identity = Database.open(tiny_db).identity
+    assert identity == ProjectionEncoder(16).identity
+    import_checkpoint(FIXTURE / "model.ckpt", FIXTURE / "config.yaml", run, encoder=identity)
+
+    pipe = RDMPipeline.from_pretrained(run, tiny_db)
     assert type(pipe.vae).__name__ == "VQModel"
     cond = C.pseudo_query_context(pipe.db, pipe.k, 2, prob=None, uniform=True, seed=0)
     images = pipe(cond, [0, 1], steps=2, progress=False)
@@ -205,7 +220,7 @@ def test_pipeline_and_rdm_sample_load_the_imported_run(run_dir, tiny_db, tmp_pat
     assert [im.tobytes() for im in images] == [im.tobytes() for im in again]
 
     out = tmp_path / "samples"
-    argv = ["sample", str(run_dir), "--db", str(tiny_db), "--unconditional", "--uniform"]
+    argv = ["sample", str(run), "--db", str(tiny_db), "--unconditional", "--uniform"]
     assert main([*argv, "-n", "2", "--steps", "2", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.glob("sample-*.png")) == [
         "sample-00000.png",
@@ -222,6 +237,7 @@ def test_cli_import_says_what_it_stubbed(tmp_path, capsys):
     assert "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint" in text
     assert "raw (model.diffusion_model.*) -> model.safetensors" in text
     assert "--weights model" in text
+    assert "encoder recorded: ViT-B-32-quickgelu:openai#preprocess=release" in text
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "first_stage",

@@ -33,16 +33,29 @@ def register(subparsers) -> None:
         "default), the raw ones (model.diffusion_model.*) or both",
     )
     ckpt.add_argument(
+        "--encoder",
+        metavar="SPEC",
+        help="record this encoder's identity (default: the release's, OpenAI CLIP ViT-B/32 "
+        "QuickGELU with its preprocessing, as 'rdm db import' records for the release's parts)",
+    )
+    ckpt.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty --out directory"
     )
     ckpt.set_defaults(func=run_checkpoint)
 
 
 def run_checkpoint(args: argparse.Namespace) -> int:
+    from rdm.encoders import load_encoder
     from rdm.official.checkpoint import import_checkpoint
 
+    identity = load_encoder(args.encoder).identity if args.encoder else None
     report = import_checkpoint(
-        args.checkpoint, args.config, args.out, weights=args.weights, overwrite=args.overwrite
+        args.checkpoint,
+        args.config,
+        args.out,
+        weights=args.weights,
+        encoder=identity,
+        overwrite=args.overwrite,
     )
     if report.stubbed:
         print(
@@ -55,6 +68,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     taken = " and ".join(f"{names[w]} -> {w}.safetensors" for w in report.weights)
     print(f"UNet: {report.unet_parameters:,} parameters, {taken}")
     print(f"first stage: VQModel, {report.first_stage_parameters:,} parameters -> first_stage/")
+    print(f"encoder recorded: {report.config.encoder.get('spec', report.config.encoder)}")
     for note in report.notes:
         print(f"note: {note}")
     flag = "" if "ema" in report.weights else " --weights model"

@@ -25,6 +25,16 @@ The conversion's traps (fixture EXPECTED.md §7), each handled where it arises:
 - Guidance runs against an all-zero context: ``rdm_sample.py`` passes
   ``unconditional_retro_guidance_label=0.``, which scales the stored ``unconditional_guidance_vex``
   by 0 (so it is not needed, and release files may lack it): ``null_context="zeros"``.
+
+What the weights cannot tell is taken from the config: a ``num_head_channels`` that still divides
+every width (16 instead of 32) changes the head count without changing any shape, so the
+config.yaml must be the one released with the checkpoint.
+
+tests/test_official_checkpoint.py reproduces the fixture's official outputs (max |diff| <= 1e-4,
+observed ~3e-6). The fixture has one attention level and channel_mult [1, 1]; the release's layout
+(channel_mult [1, 2, 3, 5], num_res_blocks 2, attention_resolutions [8, 4, 2], VQ ch_mult
+[1, 2, 4]) was checked once outside the repository against the official openaimodel UNet and ldm
+Encoder/Decoder with random weights at small widths: ε 2.6e-6, encode 3.3e-6, decode 1.4e-5.
 """
 
 from __future__ import annotations
@@ -508,14 +518,29 @@ def _quiet(fn, *args):
 
 
 def _load_into(module: torch.nn.Module, state: dict, path: Path, config: Path, what: str) -> None:
-    try:
-        module.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    """``module.load_state_dict(state, strict=True, assign=True)``, refusing a mismatch with a
+    short account of it (torch's lists every key: thousands of lines for a 400M UNet)."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} not in the config's model (e.g. {unexpected[0]})")
+    if reshaped:
+        k = reshaped[0]
+        problems.append(
+            f"{len(reshaped)} of another shape (e.g. {k}: {tuple(state[k].shape)} in the "
+            f"checkpoint, {expected[k]} by the config)"
+        )
+    if problems:
         raise OfficialImportError(
-            f"checkpoint {path} does not fit config {config}: its {what} weights "
-            f"{' '.join(lines[1:3])[:400]}; give the config.yaml released with this checkpoint"
-        ) from None
+            f"checkpoint {path} does not fit config {config}: of its {what} weights "
+            f"{', '.join(problems)}; give the config.yaml released with this checkpoint"
+        )
+    module.load_state_dict(state, strict=True, assign=True)
 
 
 def check_schedule(cfg: DiffusionConfig, other: dict, path: Path, config: Path) -> float | None:
@@ -558,11 +583,14 @@ def import_checkpoint(
 
     ``weights``: "ema" (default, what the release samples with), "model" (the raw weights) or
     "both"; each set goes to ``ema.safetensors`` / ``model.safetensors``, as in a trained run.
-    ``encoder``: the encoder identity to record (that of the database the run will pair with).
+    ``encoder``: the encoder identity to record, which the run's databases must share; by default
+    the release's (OpenAI CLIP ViT-B/32, QuickGELU, the release's preprocessing, d = the UNet's
+    context_dim: :func:`rdm.encoders.release_identity`), as an imported release database has.
     The run is written into a temporary directory beside ``out`` and renamed into place."""
     from diffusers import VQModel
 
     from rdm.checkpoint import save_weights
+    from rdm.encoders import release_identity
     from rdm.io import OutputError, replace_dir, require_writable, sha256_file, write_json
     from rdm.model import RetrievalUNet, count_parameters
 
@@ -587,8 +615,12 @@ def import_checkpoint(
         notes.append(f"schedule matches the checkpoint's alphas_cumprod (max |diff| {diff:.2g})")
     if "model_ema.decay" in other:  # a float32 scalar: 0.9999 reads back as 0.99989998
         cfg.train.ema_decay = float(f"{float(other['model_ema.decay']):.6g}")
-    if encoder:
-        cfg.encoder = dict(encoder)
+    cfg.encoder = release_identity(cfg.model.context_dim) if encoder is None else dict(encoder)
+    if cfg.encoder.get("dim", cfg.model.context_dim) != cfg.model.context_dim:
+        raise OfficialImportError(
+            f"the encoder to record has d={cfg.encoder['dim']} but checkpoint {ckpt}'s UNet reads "
+            f"d={cfg.model.context_dim} (config {config}); give the encoder of its database"
+        )
     if "unconditional_guidance_vex" in other:
         notes.append(
             "unconditional_guidance_vex not used: the release guides against the zero context "
