@@ -76,12 +76,15 @@ def ids_sha256(ids: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(ids, "<i8").tobytes()).hexdigest()
 
 
-def content_identity(source: dict, row_ids: np.ndarray, encoder: dict) -> dict:
+def content_identity(
+    source: dict, row_ids: np.ndarray, encoder: dict, vectors: str = VECTORS
+) -> dict:
     """What a database holds, independent of the exact bytes of its embeddings.
 
     ``source``: the manifest's ``{spec, split, db_fraction}``; ``row_ids`` (N,) the source ids of
     its rows (the split's ids minus the skipped ones); ``encoder``: the encoder identity, reduced
-    to :func:`rdm.encoders.identity_fingerprint` (what it computes, not where it was loaded)."""
+    to :func:`rdm.encoders.identity_fingerprint` (what it computes, not where it was loaded);
+    ``vectors``: how the stored vectors were made (imports keep theirs: rdm.official.db_import)."""
     return {
         "format": IDENTITY_FORMAT,
         "source": source["spec"],
@@ -90,7 +93,7 @@ def content_identity(source: dict, row_ids: np.ndarray, encoder: dict) -> dict:
         "rows": int(len(row_ids)),
         "ids_sha256": ids_sha256(row_ids),
         "encoder": identity_fingerprint(encoder),
-        "vectors": VECTORS,
+        "vectors": vectors,
     }
 
 
@@ -109,6 +112,8 @@ def checksum_of(shards: list[dict]) -> str:
 
 def rebuild_command(manifest: dict, out: str | Path = "NEW_DIR") -> str:
     """The ``rdm db build`` command that makes this database again (same fingerprint)."""
+    if "import" in manifest:  # imported (rdm.official.db_import): the import command remakes it
+        return shlex.join([*manifest["import"]["argv"], "--out", str(out)])
     src = manifest["source"]
     args = [
         "rdm", "db", "build", src["spec"], "--split", src["split"],
@@ -164,6 +169,12 @@ class Database:
     @property
     def count(self) -> int:
         return int(self.manifest["count"])
+
+    @property
+    def unit_norm(self) -> bool:
+        """Whether the stored vectors are unit norm; imported ones may not be (they are kept as
+        the model was trained with), and are then normalised for every cosine search."""
+        return bool(self.manifest.get("unit_norm", True))
 
     def __len__(self) -> int:
         return self.count
@@ -276,6 +287,11 @@ class Database:
         return out.reshape(*rows.shape, self.dim)
 
     @cached_property
+    def _unit_rows(self) -> faiss_index.UnitRows:
+        """The stored vectors normalised as they are read (cosine over vectors not unit norm)."""
+        return faiss_index.UnitRows([self._shard(s) for s in range(len(self.manifest["shards"]))])
+
+    @cached_property
     def _shard_starts(self) -> np.ndarray:
         return np.cumsum([0] + [int(s["rows"]) for s in self.manifest["shards"]])
 
@@ -318,7 +334,8 @@ class Database:
         if short.any():
             # An approximate index can return fewer than k rows (an IVF probing lists that hold
             # fewer vectors); FAISS pads with row -1, score -3.4e38. Search those queries exactly.
-            D[short], I[short] = faiss_index.exact_search(self.embeddings, xq[short], k)
+            xb = self.embeddings if self.unit_norm else self._unit_rows
+            D[short], I[short] = faiss_index.exact_search(xb, xq[short], k)
         if (I < 0).any():  # unreachable for k <= count; never hand -1 on as a row
             raise DatabaseError(f"search of {self.root} found fewer than k = {k} rows")
         return D, I
@@ -431,7 +448,10 @@ def _verify_shards(root: Path, m: dict) -> list[str]:
             continue
         emb = np.load(path, mmap_mode="r", allow_pickle=False)
         norms = np.linalg.norm(emb.astype(np.float32), axis=1)
-        if emb.size and not (np.abs(norms - 1) <= NORM_TOLERANCE).all():  # NaN fails too
+        if not m.get("unit_norm", True):  # imported as the model was trained with: finite only
+            if not np.isfinite(norms).all():
+                problems.append(f"embeddings shard {path} has rows that are not finite")
+        elif emb.size and not (np.abs(norms - 1) <= NORM_TOLERANCE).all():  # NaN fails too
             problems.append(f"embeddings shard {path} has rows that are not unit norm")
     if total != m["count"]:
         problems.append(f"shards hold {total} rows, the manifest says {m['count']}")
@@ -476,7 +496,8 @@ def _verify_identity(db: Database) -> list[str]:
     """The recorded identity describes these rows and this encoder, and hashes to the fingerprint."""
     m = db.manifest
     problems = []
-    if content_identity(m["source"], db.ids, m["encoder"]) != m["identity"]:
+    vectors = m["identity"].get("vectors", VECTORS)
+    if content_identity(m["source"], db.ids, m["encoder"], vectors) != m["identity"]:
         problems.append(f"{MANIFEST} identity does not describe the rows and encoder it lists")
     if fingerprint_of(m["identity"]) != m["fingerprint"]:
         problems.append(f"{MANIFEST} fingerprint is not the hash of its identity")

@@ -317,6 +317,15 @@ def _split_labels(source: Source, split: str, db_fraction: float, rows: list[dic
     return labels.tolist()
 
 
+def build_and_save_index(
+    out: Path, emb, memory_budget: float = DEFAULT_MEMORY_BUDGET, progress: bool = True
+) -> dict:
+    """Choose, build, tune and save the index of ``emb`` (N, d) unit rows (an array, a memmap or
+    :class:`rdm.index.UnitRows`) as ``out/index.faiss``; returns the manifest's ``index`` entry.
+    The one index step of every database (built here, imported by rdm.official.db_import)."""
+    return _build_and_save_index(out, emb, memory_budget, progress)
+
+
 def _build_and_save_index(out: Path, emb: np.ndarray, memory_budget: float, progress: bool) -> dict:
     n, d = emb.shape
     spec = faiss_index.choose_index(n, d, memory_budget)

@@ -120,7 +120,8 @@ def pq_subquantizers(d: int) -> int:
 
 def build_index(xb: np.ndarray, spec: IndexSpec, *, seed: int = 0):
     """Build the index of ``spec`` over ``xb`` (N, d) unit-norm rows (float16/float32, may be a
-    memmap); rows are added in chunks so only one float32 chunk is materialised at a time."""
+    memmap or a :class:`UnitRows` view); rows are added in chunks so only one float32 chunk is
+    materialised at a time."""
     import faiss
 
     n, d = xb.shape
@@ -326,6 +327,39 @@ def tune_index(
     tuned = IndexSpec(spec.type, params)
     set_search_params(index, tuned)
     return tuned, current
+
+
+# ---- vectors that are not unit norm --------------------------------------------------------------
+
+
+class UnitRows:
+    """Several (n_i, d) arrays (float16 memmaps) read as one (N, d) ``xb`` of unit rows.
+
+    Cosine search over stored vectors that are not unit norm (an imported database keeps the
+    vectors its model was trained with): every function here takes it as ``xb``, and each read
+    (a slice or an array of rows) returns float32 rows divided by their norms, so the index is
+    built and checked over the normalised vectors while only the rows read are materialised."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])  # (P + 1,)
+        self.shape = (int(self.starts[-1]), int(parts[0].shape[1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.shape[0])
+            rows = np.arange(start, stop, step)
+        else:
+            rows = np.asarray(key, dtype=np.int64)
+        part = np.searchsorted(self.starts, rows, side="right") - 1  # (n,)
+        out = np.empty((len(rows), self.shape[1]), np.float32)
+        for p in np.unique(part):
+            pick = part == p
+            out[pick] = self.parts[p][rows[pick] - self.starts[p]]
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
 # ---- helpers ------------------------------------------------------------------------------------

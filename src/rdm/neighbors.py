@@ -161,7 +161,7 @@ def compute_neighbors(
         "k_p": k_p,
         "exclusion": exclusion.as_meta(k * len(nn_rows)),
     }
-    _save(path, tensors, meta)
+    save_neighbors(path, tensors, meta)
     _report(path, exclusion, k, len(nn_rows), len(skipped), tensors["pq_counts"], db.count)
     return path
 
@@ -321,10 +321,12 @@ def _check_arguments(
 # ---- files --------------------------------------------------------------------------------------
 
 
-def _save(path: Path, tensors: dict[str, np.ndarray], meta: dict) -> None:
+def save_neighbors(path: Path, tensors: dict[str, np.ndarray], meta: dict) -> None:
+    """Write a neighbours file atomically: the :data:`TENSORS` (all required) plus any extra
+    arrays given (e.g. the release's ranking of p(x̃), rdm.official.db_import), and ``meta``."""
     from safetensors.numpy import save_file
 
-    arrays = {name: np.ascontiguousarray(tensors[name]) for name in TENSORS}
+    arrays = {name: np.ascontiguousarray(tensors[name]) for name in (*TENSORS, *tensors)}
     metadata = {"meta": json.dumps(meta, ensure_ascii=False)}
     atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata=metadata))
 

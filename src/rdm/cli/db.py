@@ -1,4 +1,5 @@
-"""``rdm db build | verify | query | neighbors``: the retrieval database, one library call each.
+"""``rdm db build | import | verify | query | neighbors``: the retrieval database, one library call
+each.
 
 ``query`` clips ``-k`` to the database's size with a note on stderr (asking for more neighbours
 than there are rows is not an error worth stopping for; ``-k`` below 1 is).
@@ -44,6 +45,49 @@ def register(subparsers) -> None:
     build.add_argument("--device", default="cpu", help="device for the encoder")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(func=run_build)
+
+    imp = sub.add_parser(
+        "import",
+        help="a database from precomputed embeddings (the CompVis RDM release's .npz parts, or "
+        ".npy + parquet)",
+        description="Import precomputed embeddings as an rdm database: the CompVis RDM release's "
+        "{N}x{d}-part_{n}.npz parts (sorted by part number, vectors kept exactly as stored, "
+        "img_id / patch_coords as metadata) or .npy embeddings with parquet metadata (the "
+        "clip-retrieval layout). See docs/official.md.",
+    )
+    imp.add_argument("parts", nargs="+", type=Path, help=".npz parts, .npy files or folders")
+    imp.add_argument("--out", required=True, type=Path, help="database directory to create")
+    imp.add_argument(
+        "--encoder",
+        help="encoder spec that made the vectors (default for .npz parts: the release's OpenAI "
+        "CLIP ViT-B/32, recorded without loading weights; required for .npy)",
+    )
+    imp.add_argument(
+        "--order",
+        choices=("number", "given"),
+        default="number",
+        help="row order: by part number (default) or as given on the command line",
+    )
+    imp.add_argument(
+        "--metadata",
+        nargs="+",
+        type=Path,
+        help=".npy: one parquet per file (default: found beside)",
+    )
+    imp.add_argument(
+        "--nn-memory",
+        type=Path,
+        help="the release's nn_memory pickle: p(x̃) for --unconditional sampling, written beside",
+    )
+    imp.add_argument(
+        "--memory-budget",
+        type=parse_size,
+        default="2GB",
+        help="memory the index may use, e.g. 2GB, 24GB (default: %(default)s)",
+    )
+    imp.add_argument("--device", default="cpu", help="device for loading --encoder")
+    imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    imp.set_defaults(func=run_import)
 
     verify = sub.add_parser(
         "verify", help="check every file's checksum, counts, norms, identity and the index"
@@ -114,6 +158,31 @@ def run_build(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         memory_budget=args.memory_budget,
         db_fraction=args.db_fraction,
+        progress=not args.no_progress,
+    )
+    print(out)
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from rdm.official.db_import import import_database
+
+    encoder = _load_encoder(args.encoder, args.device) if args.encoder else None
+    argv = ["rdm", "db", "import", *map(str, args.parts)]
+    for flag, value in (("--order", args.order), ("--encoder", args.encoder)):
+        if value and value != "number":
+            argv += [flag, value]
+    if args.metadata:
+        argv += ["--metadata", *map(str, args.metadata)]
+    out = import_database(
+        args.parts,
+        args.out,
+        encoder=encoder,
+        order=args.order,
+        metadata=args.metadata,
+        memory_budget=args.memory_budget,
+        nn_memory=args.nn_memory,
+        argv=argv,
         progress=not args.no_progress,
     )
     print(out)
