@@ -73,6 +73,7 @@ def test_parts_import_exactly_in_part_number_order(imported):
     assert [p["file"] for p in m["import"]["parts"]] == ["40x16-part_1.npz", "40x16-part_2.npz"]
     assert m["import"]["order"] == "number" and m["unit_norm"] is False
     assert verify(imported) == []
+    assert "rdm db import" in db.rebuild_hint() and "part_1.npz" in db.rebuild_hint()
 
 
 def test_the_reference_context_is_the_stored_rows_as_the_release_fed_them(imported):
@@ -406,3 +407,86 @@ def test_an_imported_run_and_database_sample_unconditionally_without_clip(import
     assert len(list(samples.glob("sample-*.png"))) == 2
     with pytest.raises(RdmError, match="not available offline.*convert-openai"):
         pipe.encoder  # noqa: B018 (text / image queries need the CLIP weights)
+
+
+# ---- .npy + parquet (the clip-retrieval layout) ---------------------------------------------------
+
+
+def unit_rows(n: int, d: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+def clip_retrieval_folder(root: Path, sizes: list[int], d: int = 32) -> Path:
+    """embeddings/img_emb/img_emb_{i}.npy float16 unit rows + metadata/metadata_{i}.parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "img_emb").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    for i, n in enumerate(sizes):
+        np.save(root / "img_emb" / f"img_emb_{i}.npy", unit_rows(n, d, seed=i))
+        table = pa.table(
+            {
+                "image_path": [f"/images/{i}/{j}.jpg" for j in range(n)],
+                "caption": [f"picture {j} of file {i}" for j in range(n)],
+                "width": list(range(n)),
+            }
+        )
+        pq.write_table(table, root / "metadata" / f"metadata_{i}.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    from test_db_cli import tiny_encoder_dir
+
+    from rdm.encoders import load_encoder
+
+    return load_encoder(str(tiny_encoder_dir(tmp_path_factory.mktemp("enc") / "tiny", seed=0)))
+
+
+def test_clip_retrieval_embeddings_import_with_their_metadata(tmp_path, tiny_encoder):
+    sizes = [3] * 11 + [2]  # img_emb_10 and _11 come after img_emb_2
+    folder = clip_retrieval_folder(tmp_path / "embeddings", sizes, d=tiny_encoder.dim)
+    out = import_database([folder], tmp_path / "db", encoder=tiny_encoder, progress=False)
+    db = Database.open(out)
+    expected = np.concatenate([unit_rows(n, tiny_encoder.dim, seed=i) for i, n in enumerate(sizes)])
+    np.testing.assert_array_equal(db.embeddings, expected)
+    assert db.count == 35 and db.unit_norm is True and verify(out) == []
+    assert db.keys[33] == "/images/11/0.jpg" and db.captions[30] == "picture 0 of file 10"
+    assert db.metadata.column("width").to_pylist()[:4] == [0, 1, 2, 0]
+    assert db.identity == tiny_encoder.identity
+    assert [p["file"] for p in db.manifest["import"]["parts"]][-3:] == [
+        "img_emb_9.npy", "img_emb_10.npy", "img_emb_11.npy",
+    ]  # fmt: skip
+    D, I = db.search(tiny_encoder.encode_texts(["a red square"]), 3)  # noqa: E741
+    assert I.shape == (1, 3)
+
+
+def test_npy_embeddings_need_their_encoder_and_matching_metadata(tmp_path, tiny_encoder):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    emb = tmp_path / "vectors.npy"
+    np.save(emb, unit_rows(5, tiny_encoder.dim, seed=0).astype(np.float32))
+    with pytest.raises(DbImportError, match=f"{emb}: .npy embeddings do not say which encoder"):
+        import_database([emb], tmp_path / "db", progress=False)
+    with pytest.raises(DbImportError, match="d=32 but the encoder .* makes d=16"):
+        import_database([emb], tmp_path / "db", encoder={**tiny_encoder.identity, "dim": 16})
+    pq.write_table(pa.table({"caption": ["a"] * 4}), tmp_path / "vectors.parquet")
+    with pytest.raises(DbImportError, match="vectors.parquet has 4 rows but .*vectors.npy has 5"):
+        import_database([emb], tmp_path / "db", encoder=tiny_encoder, progress=False)
+
+
+def test_cli_imports_npy_embeddings_with_an_encoder_spec(tmp_path, tiny_encoder, capsys):
+    emb = tmp_path / "vectors.npy"
+    np.save(emb, unit_rows(6, tiny_encoder.dim, seed=4))
+    spec = tiny_encoder.identity["spec"]
+    out = tmp_path / "db"
+    assert (
+        main(["db", "import", str(emb), "--encoder", spec, "--out", str(out), "--no-progress"]) == 0
+    )
+    db = Database.open(out)
+    assert db.keys[0] == "vectors:0" and db.identity["spec"] == spec
+    assert db.manifest["import"]["argv"][-2:] == ["--encoder", spec]

@@ -260,3 +260,16 @@ def test_release_preprocessing_reloads_from_a_local_dir_spec(openai_files, tmp_p
     again = load_encoder(enc.identity["spec"])  # the recorded spec loads the same encoder
     assert identity_fingerprint(again.identity) == identity_fingerprint(enc.identity)
     assert again.identity["resize"] == RELEASE_RESIZE
+
+
+def test_raw_features_are_the_unit_ones_before_normalising(converted):
+    """The release feeds a query's raw CLIP feature to its model: ``unit=False`` gives it."""
+    enc = load_encoder(f"{QUICK}:{converted}#preprocess=release")
+    x = pixels(2)
+    for raw, unit in (
+        (enc.encode_images(x, unit=False), enc.encode_images(x)),
+        (enc.encode_texts(["a dog", "a cat"], unit=False), enc.encode_texts(["a dog", "a cat"])),
+    ):
+        norms = np.linalg.norm(raw, axis=1, keepdims=True)
+        assert raw.dtype == np.float32 and np.abs(norms - 1).min() > 1e-2
+        np.testing.assert_allclose(raw / norms, unit, atol=1e-6)

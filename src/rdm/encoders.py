@@ -484,38 +484,44 @@ class OpenClipEncoder(Encoder):
 
     # -- images --
 
-    def encode_images(self, images: Sequence[Image.Image] | np.ndarray) -> np.ndarray:
-        batches = [self._encode_pixels(chunk) for chunk in _pixel_chunks(images, BATCH_SIZE)]
-        return _concat(batches, self.dim)
+    def encode_images(
+        self, images: Sequence[Image.Image] | np.ndarray, *, unit: bool = True
+    ) -> np.ndarray:
+        """``unit=False``: the raw features, not normalised (the CompVis release feeds a query's
+        raw CLIP feature to its model as the first context vector)."""
+        chunks = _pixel_chunks(images, BATCH_SIZE)
+        return _concat([self._encode_pixels(chunk, unit) for chunk in chunks], self.dim)
 
-    def _encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (B, H, W, 3) -> float32 (B, d), unit norm."""
+    def _encode_pixels(self, pixels: np.ndarray, unit: bool = True) -> np.ndarray:
+        """uint8 (B, H, W, 3) -> float32 (B, d), unit norm (or raw)."""
         import torch
 
         x = torch.from_numpy(pixels).to(self.device)
         x = preprocess(x, self.preprocess_cfg)  # (B, 3, S, S) normalised
         with torch.inference_mode(), self._autocast():
             z = self.model.encode_image(x)
-        return _unit_rows(z)
+        return _unit_rows(z) if unit else z.float().cpu().numpy()
 
     # -- texts --
 
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+    def encode_texts(self, texts: Sequence[str], *, unit: bool = True) -> np.ndarray:
+        """``unit=False``: the raw features, not normalised (see :meth:`encode_images`)."""
         if isinstance(texts, str):
             raise EncoderSpecError("encode_texts takes a list of strings, not one string")
         texts = list(texts)
         batches = [
-            self._encode_tokens(texts[i : i + BATCH_SIZE]) for i in range(0, len(texts), BATCH_SIZE)
+            self._encode_tokens(texts[i : i + BATCH_SIZE], unit)
+            for i in range(0, len(texts), BATCH_SIZE)
         ]
         return _concat(batches, self.dim)
 
-    def _encode_tokens(self, texts: list[str]) -> np.ndarray:
+    def _encode_tokens(self, texts: list[str], unit: bool = True) -> np.ndarray:
         import torch
 
         tokens = self.tokenizer(texts).to(self.device)  # (B, context_length) int64
         with torch.inference_mode(), self._autocast():
             z = self.model.encode_text(tokens)
-        return _unit_rows(z)
+        return _unit_rows(z) if unit else z.float().cpu().numpy()
 
     def _autocast(self):
         import torch

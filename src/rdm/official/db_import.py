@@ -180,6 +180,8 @@ def _number(path: Path) -> int | None:
 def _sorted_by_number(parts: list[Part], require_contiguous: bool) -> list[Part]:
     """Parts by the number in their names (part_2 before part_10); for the release, numbers
     must run 1..n: a missing part would shift every later row under nn_memory's ids."""
+    if len(parts) == 1 and parts[0].number is None:  # one file: nothing to sort
+        return parts
     unnumbered = [p.path for p in parts if p.number is None]
     if unnumbered:
         raise DbImportError(
@@ -467,6 +469,8 @@ def _import_part(out: Path, i: int, part: Part, kind: str, offset: int, bar) -> 
         del shard
 
     npy = atomic_write(_shard_path(out, i), write)
+    if np.dtype(part.dtype) != np.float16:
+        _note(f"note: {part.path} holds {part.dtype} vectors, stored as float16 (rounded)")
     _write_part_metadata(out, i, part, kind, offset)
     record = {
         "part": i,
