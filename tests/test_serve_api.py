@@ -429,8 +429,8 @@ def test_an_oversized_upload_is_refused_with_413(world):
 
 
 def test_a_real_client_sending_a_large_body_gets_the_413(world):
-    """Content-Length over the cap: refused before the body is parsed, and the client, still
-    sending 2 MB, reads the answer (the body is drained, not cut off)."""
+    """Content-Length over the cap: refused before the body is parsed, and a real client that
+    is still sending 2 MB reads the answer."""
     with serving(make_app(world, max_upload_bytes=4096)) as url:
         files = {"image": ("big.png", b"\0" * 2**21, "image/png")}
         r = httpx.post(f"{url}/api/search", data={"db": "squares"}, files=files, timeout=30)

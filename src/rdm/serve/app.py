@@ -669,7 +669,6 @@ class Guard:
             b"form-action 'self'",
         ),
     ]
-    DRAIN = 64 * 2**20  # read (and drop) at most this much of a refused body, then hang up
 
     def __init__(self, app, max_upload: int):
         self.app, self.max_upload = app, max_upload
@@ -694,7 +693,6 @@ class Guard:
             )
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
-            await self._drain(receive)
             return await _answer(send_with_headers, 413, _too_large(self.max_upload))
 
         seen = 0
@@ -709,17 +707,6 @@ class Guard:
             return message
 
         await self.app(scope, receive_limited, send_with_headers)
-
-    async def _drain(self, receive) -> None:
-        """Read the refused body so that the client, still sending, sees the 413."""
-        seen = 0
-        while seen <= self.DRAIN:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            seen += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                return
 
 
 def _foreign(headers: dict) -> bool:
@@ -747,9 +734,10 @@ async def _answer(send, status: int, detail: str) -> None:
 
 
 def _too_large(limit: int) -> str:
+    size = f"{limit / 2**20:.1f} MiB" if limit >= 2**20 else f"{limit / 2**10:.1f} KiB"
     return (
-        f"the upload is larger than the limit of {limit} bytes ({limit / 2**20:.1f} MiB); send "
-        "a smaller image, or start rdm serve with a larger --max-upload-mb"
+        f"the upload is larger than the limit of {limit} bytes ({size}); send a smaller image, "
+        "or start rdm serve with a larger --max-upload-mb"
     )
 
 
