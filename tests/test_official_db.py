@@ -401,12 +401,20 @@ def test_an_imported_run_and_database_sample_unconditionally_without_clip(import
     expected = np.zeros(80)
     expected[list(ref["id_count"])] = list(ref["id_count"].values())
     np.testing.assert_allclose(pipe.pseudo_query_prob, expected / expected.sum())
-    samples = tmp_path / "samples"
-    args = ["sample", str(run), "--db", str(imported), "--unconditional", "--top-m", "0.2"]
-    assert main(args + ["-n", "2", "--steps", "2", "--out", str(samples)]) == 0
-    assert len(list(samples.glob("sample-*.png"))) == 2
     with pytest.raises(RdmError, match="not available offline.*convert-openai"):
         pipe.encoder  # noqa: B018 (text / image queries need the CLIP weights)
+
+
+def test_the_imported_release_checkpoint_samples_from_the_imported_database(
+    imported, tmp_path, capsys
+):
+    """rdm import checkpoint (the fixture's model.ckpt) + rdm db import: rdm sample pairs them."""
+    run, samples = tmp_path / "run", tmp_path / "samples"
+    ckpt = ["import", "checkpoint", str(FIXTURE / "model.ckpt"), "--config"]
+    assert main(ckpt + [str(FIXTURE / "config.yaml"), "--out", str(run)]) == 0
+    args = ["sample", str(run), "--db", str(imported), "--unconditional", "--top-m", "0.2"]
+    assert main(args + ["-n", "2", "--steps", "2", "--out", str(samples)]) == 0, capsys.readouterr()
+    assert len(list(samples.glob("sample-*.png"))) == 2
 
 
 # ---- .npy + parquet (the clip-retrieval layout) ---------------------------------------------------
