@@ -165,9 +165,12 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    from rdm.encoders import RELEASE_SPEC
     from rdm.official.db_import import import_database
 
-    encoder = _load_encoder(args.encoder, args.device) if args.encoder else None
+    # the release's own encoder is recorded without its weights (the default for .npz parts)
+    named = args.encoder == RELEASE_SPEC
+    encoder = _load_encoder(args.encoder, args.device) if args.encoder and not named else None
     argv = ["rdm", "db", "import", *map(str, args.parts)]
     for flag, value in (("--order", args.order), ("--encoder", args.encoder)):
         if value and value != "number":
