@@ -71,9 +71,11 @@ async def run_load(
         )
         wall = time.perf_counter() - t0
         found, jobs = results[:searches], results[searches:]
-        alone = [
-            await client.post("/api/search", data={"db": db, "text": p, "k": k}) for p in prompts
-        ]
+        alone, alone_s = [], []
+        for p in prompts:  # the same searches one at a time: the reference, and the baseline
+            t, r = await search(p)
+            alone.append(r)
+            alone_s.append(t)
         samples = [
             [(await client.get(s["image"])).content for s in job["samples"]] if job else []
             for _, _, job, _ in jobs
@@ -108,6 +110,7 @@ async def run_load(
     return {
         "wall_s": wall,
         "search_s": [t for t, _ in found],
+        "search_alone_s": alone_s,
         "generation_s": [t for t, _, _, _ in jobs],
         "queued_s": [j["waited_s"] for j in done],
         "run_s": [j["elapsed_s"] for j in done],
@@ -128,6 +131,7 @@ def report(result: dict) -> str:
     lines = [
         f"wall {result['wall_s']:.2f} s for everything at once",
         f"search latency (s)        {percentiles(result['search_s'])}",
+        f"  the same, one at a time {percentiles(result['search_alone_s'])}",
         f"generation, submit->done  {percentiles(result['generation_s'])}",
         f"  of which waiting        {percentiles(result['queued_s'])}",
         f"  of which running        {percentiles(result['run_s'])}",
