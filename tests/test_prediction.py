@@ -239,3 +239,21 @@ def test_auto_precision_uses_bf16_only_where_it_is_native(monkeypatch):
     assert rdm.train.resolve_precision("auto", cpu) == "no"
     with pytest.raises(ConfigError, match="'auto', 'bf16' or 'no'"):
         dataclasses.replace(preset("tiny").train, mixed_precision="fp16")
+
+
+def test_grey_samples_stored_as_rgb_are_read_as_grey_and_colour_is_refused():
+    import numpy as np
+
+    from rdm.evaluation.images import ImageFormatError, View, require_view
+
+    view = View(resolution=4, channels=1)
+    grey = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 1), dtype=np.uint8)
+    as_rgb = np.repeat(grey, 3, axis=-1)
+    assert np.array_equal(require_view(as_rgb, view, "the samples"), grey)
+    assert np.array_equal(require_view(grey, view, "the samples"), grey)
+    tinted = as_rgb.copy()
+    tinted[0, 0, 0, 2] ^= 1
+    with pytest.raises(ImageFormatError, match="have colour"):
+        require_view(tinted, view, "the samples")
+    with pytest.raises(ImageFormatError, match="32x32 grey"):
+        require_view(grey, View(resolution=32, channels=1), "the samples")

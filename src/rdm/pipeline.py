@@ -255,9 +255,10 @@ class RDMPipeline:
                 callback=_in_batch(callback, b, len(starts)),
                 progress=progress and len(starts) == 1,  # one batch: a bar over its steps
             )
-            images += [
-                Image.fromarray(p) for p in to_uint8(decode(self.vae, x0, self.config.model))
-            ]
+            decoded = decode(self.vae, x0, self.config.model)  # (B, C, H, W), C = 1 or 3
+            grey = decoded.shape[1] == 1  # a grey pixel model, written as mode L
+            pixels = to_uint8(decoded)  # (B, H, W, 3)
+            images += [Image.fromarray(p[..., 0] if grey else p) for p in pixels]
         return images
 
 

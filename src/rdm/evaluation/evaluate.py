@@ -124,8 +124,7 @@ def evaluate(req: EvalRequest) -> dict:
         timings["sampling_s"] = round(time.time() - t, 1)
         if req.out is not None:
             generate.write_samples(images, records, req.out / "samples")
-    samples = as_pixels(images, "samples")
-    require_view(samples, view, "the samples")
+    samples = require_view(as_pixels(images, "samples"), view, "the samples")
 
     # Features: samples fresh, real sets from the cache.
     t = time.time()

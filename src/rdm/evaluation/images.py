@@ -66,14 +66,25 @@ def as_pixels(images: Sequence[Image.Image] | np.ndarray, what: str = "images") 
     return np.stack(arrays)
 
 
-def require_view(pixels: np.ndarray, view: View, what: str) -> None:
-    """Refuse images that do not match the reference view (no silent resize or channel change)."""
+def require_view(pixels: np.ndarray, view: View, what: str) -> np.ndarray:
+    """``pixels`` in the reference view, or an error: RGB images with R = G = B are grey images
+    stored as RGB and become one channel losslessly; any other size or channel difference is
+    refused (no silent resize, no colour dropped)."""
+    if view.channels == 1 and pixels.shape[-1] == 3:
+        if (pixels[..., :1] == pixels).all():
+            pixels = pixels[..., :1]
+        else:
+            raise ImageFormatError(
+                f"{what} have colour (R, G, B differ) but the real reference is "
+                f"{view.describe()}: a grey model's samples are grey"
+            )
     n, h, w, c = pixels.shape
     if (h, w, c) != (view.resolution, view.resolution, view.channels):
         raise ImageFormatError(
             f"{what} are {_shape(pixels[0])} but the real reference is {view.describe()}: "
             f"give images at the model's resolution and channels (as 'rdm sample' writes them)"
         )
+    return pixels
 
 
 def model_view(images: Sequence[Image.Image], view: View) -> np.ndarray:
