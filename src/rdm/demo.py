@@ -34,7 +34,7 @@ class DemoConfig:
     preset: str = "small"
     channels: tuple[int, ...] | None = None  # None: DEMO_CHANNELS for the preset, else its own
     threads: int | None = None  # torch CPU threads (None: torch's default)
-    steps: int = 6000
+    steps: int = 1800  # the shipped model's (src/rdm/assets/demo-fashion/README.md)
     batch_size: int = 64
     seed: int = 0
     samples_per_prompt: int = 4

@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "else the preset's own)",
     )
     p.add_argument("--threads", type=int, help="--train: torch CPU threads")
-    p.add_argument("--steps", type=int, default=6000, help="training steps for --train")
+    p.add_argument(
+        "--steps", type=int, default=1800, help="training steps for --train (the shipped model's)"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-n", "--samples", type=int, default=4, help="samples per query (default 4)")
