@@ -51,6 +51,9 @@ MODES = ("text", "image", "unconditional", "class_pool")
 STATIC = {"app.js": "text/javascript", "style.css": "text/css"}  # served from static/, no others
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the form's text fields beside one file
 MAX_SEED = 2**31 - 1
+#: what a job view takes from JobQueue.snapshot
+JOB_PROGRESS = ("state", "position", "step", "batch", "batches", "fraction", "elapsed_s",
+                "waited_s", "started_at", "finished_at", "error")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,16 +314,12 @@ class _State:
             {**s, "image": f"{base}/samples/{s['index']}" if done else None}
             for s in job.info["samples"]
         ]
-        view = {k: v for k, v in job.info.items() if k != "samples"}
-        keep = ("state", "position", "step", "batch", "batches", "fraction", "elapsed_s")
+        request = {k: v for k, v in job.info.items() if k != "samples"}  # steps: the asked for
+        progress = {k: snap[k] for k in JOB_PROGRESS}
         return {
             "id": job.id,
-            **view,
-            **{k: snap[k] for k in keep},
-            "waited_s": snap["waited_s"],
-            "started_at": snap["started_at"],
-            "finished_at": snap["finished_at"],
-            "error": snap["error"],
+            **request,
+            **progress,
             "samples": samples,
             "grid": f"{base}/grid.png" if done else None,
             "events": f"{base}/events",
