@@ -162,6 +162,10 @@ def run(args: argparse.Namespace) -> int:
         for name in ("prediction_type", "zero_terminal_snr", "schedule", "clip_sample")
         if getattr(args, name) is not None
     }
+    if args.prediction_type and args.clip_sample is None:
+        # the measured default (docs/training.md): an ε-model in pixel space needs x̂_0 clipped,
+        # a v- or x_0-model samples better without
+        diffusion_changes["clip_sample"] = args.prediction_type == "epsilon"
     if args.baseline:
         model_changes["baseline"] = True
     if args.vae is not None:
