@@ -64,10 +64,13 @@ def image_context(
     n: int,
     *,
     include_query: bool = False,
+    raw_query: bool = False,
 ) -> Conditioning:
     """ξ_k(x, D) of a query image for ``n`` samples; with ``include_query`` φ(x) is the first of
-    the k tokens and k − 1 neighbours follow."""
-    q = encoder.encode_images([image.convert("RGB")])  # (1, d), unit norm
+    the k tokens and k − 1 neighbours follow. ``raw_query``: that token is φ(x) as the encoder
+    outputs it, not unit norm (the CompVis release's ``sample_with_query``, whose database rows
+    are raw CLIP features too); the search is cosine either way."""
+    q = _query(encoder.encode_images, [image.convert("RGB")], raw_query)  # (1, d)
     rows = _search(db, q, k - 1 if include_query else k)[0]  # (k,) or (k - 1,)
     context = db.vectors(rows)
     if include_query:
@@ -77,16 +80,26 @@ def image_context(
 
 
 def text_context(
-    db: Database, encoder: Encoder, k: int, text: str, n: int, *, mode: str = "neighbors"
+    db: Database,
+    encoder: Encoder,
+    k: int,
+    text: str,
+    n: int,
+    *,
+    mode: str = "neighbors",
+    raw_query: bool = False,
 ) -> Conditioning:
     """The text embedding retrieves k neighbours from D (``neighbors``), is the first token
     followed by k − 1 retrieved neighbours (``text+neighbors``), or is the whole (1, d) context
-    (``text``): the paper's three ways of conditioning on text through a CLIP database."""
+    (``text``): the paper's three ways of conditioning on text through a CLIP database.
+    ``raw_query``: the text token is not unit norm (the release's ``rdm_sample.py --caption``
+    feeds ``clip.encode_text`` as it comes; ``--only_caption`` is ``text``, ``--omit_query``
+    ``neighbors``)."""
     if mode not in TEXT_MODES:
         raise RdmError(f"text mode {mode!r}: choose one of {', '.join(TEXT_MODES)}")
     if not text.strip():
         raise RdmError("the text prompt is empty")
-    q = encoder.encode_texts([text])  # (1, d), unit norm
+    q = _query(encoder.encode_texts, [text], raw_query)  # (1, d)
     if mode == "text":
         return _repeat(q, np.zeros(0, dtype=np.int64), f"text: {text}", n)
     with_text = mode == "text+neighbors"
@@ -108,11 +121,15 @@ def pseudo_query_context(
     weighted: bool = False,
     uniform: bool = False,
     seed: int = 0,
+    top_m_rounding: str = "ceil",
 ) -> Conditioning:
     """x̃ ~ p(x̃) (``prob`` (N_db,), from the database's neighbours file), then ξ_k(x̃, D), x̃ itself
     usually first. ``top_m`` keeps the most probable fraction of the items with p > 0 (the
     paper's best FID is at m = 0.01), drawn uniformly (the official default) or ∝ p with
-    ``weighted``; ``uniform`` draws x̃ uniformly from all of D when no p(x̃) is at hand."""
+    ``weighted``; ``uniform`` draws x̃ uniformly from all of D when no p(x̃) is at hand.
+    ``top_m_rounding`` "floor" keeps ⌊m · L⌋ of the L candidates as the release does, "ceil"
+    (rdm's) ⌈m · L⌉ (:func:`rdm.pseudo_query.candidates`). As in the release's
+    ``sample_from_rdata`` the context is the k stored rows found for x̃, with no query token."""
     if uniform:
         prob = None
     elif prob is None:
@@ -123,7 +140,9 @@ def pseudo_query_context(
         )
     elif len(prob) != len(db):
         raise RdmError(f"p(x̃) has {len(prob)} entries but database {db.root} has {len(db)} rows")
-    picks = pseudo_query.draw(prob, n, top_m=top_m, weighted=weighted, seed=seed, n_db=len(db))
+    picks = pseudo_query.draw(
+        prob, n, top_m=top_m, weighted=weighted, seed=seed, n_db=len(db), rounding=top_m_rounding
+    )
     rows = _search(db, db.vectors(picks), k)  # (n, k)
     labels = [f"pseudo-query id {db.ids[p]}" for p in picks]
     return Conditioning(
@@ -166,6 +185,21 @@ def concat(conds: Sequence[Conditioning]) -> Conditioning:
         [q for c in conds for q in c.query_images],
         [q for c in conds for q in c.query_rows],
     )
+
+
+def _query(encode, items: list, raw: bool) -> np.ndarray:
+    """``encode(items)`` (B, d): unit norm, or the raw features with ``raw`` (an encoder that
+    cannot give them, e.g. a test fake, is refused rather than silently normalised)."""
+    import inspect
+
+    if not raw:
+        return encode(items)
+    if "unit" not in inspect.signature(encode).parameters:
+        raise RdmError(
+            "this encoder gives only unit-norm embeddings, but the model reads the raw query "
+            "features (an imported CompVis run): load the encoder by its spec (--encoder SPEC)"
+        )
+    return encode(items, unit=False)
 
 
 def _search(db: Database, q: np.ndarray, k: int) -> np.ndarray:

@@ -24,11 +24,17 @@ def distribution(nn_rows: np.ndarray, k_p: int, n_db: int) -> dict[str, np.ndarr
 
 
 def candidates(
-    prob: np.ndarray, top_m: float | None = None, weighted: bool = False
+    prob: np.ndarray,
+    top_m: float | None = None,
+    weighted: bool = False,
+    *,
+    rounding: str = "ceil",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The rows x̃ may be drawn from, most probable first, and their draw weights (None =
     uniform). Without ``top_m`` the draw follows p itself; with it, the ``top_m`` fraction of the
-    support (at least one row), uniform unless ``weighted``."""
+    support, uniform unless ``weighted``: ⌈top_m · L⌉ rows of the L with p > 0 (``rounding``
+    "ceil", at least one), or ⌊top_m · L⌋ ("floor", the CompVis release's ``get_qids``:
+    ``int(memsize * len(nn_memory))``; a fraction that keeps no row is refused)."""
     support = np.flatnonzero(prob > 0)
     if not len(support):
         raise RdmError("p(x̃) is zero everywhere: the neighbours file is empty or damaged")
@@ -36,7 +42,19 @@ def candidates(
     if top_m is not None:
         if not 0 < top_m <= 1:
             raise RdmError(f"--top-m {top_m} must be a fraction in (0, 1]")
-        order = order[: max(1, int(np.ceil(top_m * len(order))))]
+        if rounding not in ("ceil", "floor"):
+            raise RdmError(f"top-m rounding {rounding!r}: use 'ceil' or 'floor'")
+        if rounding == "floor":
+            keep = int(top_m * len(order))  # the release's int(), in float64 as numpy computes it
+            if keep < 1:
+                raise RdmError(
+                    f"--top-m {top_m} keeps int({top_m} × {len(order)}) = 0 of the {len(order)} "
+                    f"pseudo-queries with p > 0 (the release's rounding); give a fraction of at "
+                    f"least 1/{len(order)}"
+                )
+        else:
+            keep = max(1, int(np.ceil(top_m * len(order))))
+        order = order[:keep]
     elif not weighted:
         weighted = True  # without truncation, draw from p_D itself
     weights = prob[order] / prob[order].sum() if weighted else None
@@ -51,13 +69,14 @@ def draw(
     weighted: bool = False,
     seed: int = 0,
     n_db: int | None = None,
+    rounding: str = "ceil",
 ) -> np.ndarray:
-    """``n`` database rows x̃ drawn with replacement from p (see :func:`candidates`). With
-    ``prob=None`` they are drawn uniformly from all ``n_db`` rows."""
+    """``n`` database rows x̃ drawn with replacement from p (see :func:`candidates`, which gets
+    ``rounding``). With ``prob=None`` they are drawn uniformly from all ``n_db`` rows."""
     rng = np.random.default_rng(seed)
     if prob is None:
         if not n_db:
             raise RdmError("drawing pseudo-queries uniformly needs the database size")
         return rng.integers(0, n_db, size=n)
-    rows, weights = candidates(prob, top_m, weighted)
+    rows, weights = candidates(prob, top_m, weighted, rounding=rounding)
     return rng.choice(rows, size=n, replace=True, p=weights)

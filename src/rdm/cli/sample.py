@@ -1,8 +1,16 @@
-"""``rdm sample RUN --db DIR (--image P | --text T | --unconditional | --class-pool T) ...``"""
+"""``rdm sample RUN --db DIR (--image P | --text T | --unconditional | --class-pool T) ...``
+
+A run imported from the CompVis release (``rdm import checkpoint``: it holds ``official.json``)
+is conditioned as the release's ``rdm_sample.py`` / ``sample_with_query`` condition it: the raw
+(not unit-norm) query embedding is the first of the k context vectors (``--omit-query``: k
+retrieved neighbours), top-m keeps ``int(m · L)`` pseudo-queries; its config carries the release's
+DDIM 100, η = 0, s = 2.0 against the zero context. docs/official.md walks through it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from rdm.errors import RdmError
@@ -27,15 +35,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--class-pool", metavar="PROMPT", help="draw k of the prompt's top-L per sample"
     )
     p.add_argument(
-        "--include-query", action="store_true", help="--image: the query's embedding is token 1"
+        "--include-query",
+        action="store_true",
+        help="--image: the query's embedding is token 1 (the default for an imported CompVis run)",
+    )
+    p.add_argument(
+        "--omit-query",
+        action="store_true",
+        help="--image / --text: k retrieved neighbours, no query token (an imported CompVis "
+        "run's default is the query first, as the release's; its --omit_query)",
     )
     p.add_argument(
         "--text-mode",
         choices=("neighbors", "text+neighbors", "text"),
-        default="neighbors",
-        help="--text: k retrieved neighbours, text + k-1 neighbours, or the text embedding alone",
+        help="--text: k retrieved neighbours, text + k-1 neighbours, or the text embedding alone "
+        "(default: neighbors; text+neighbors for an imported CompVis run)",
     )
     p.add_argument("--top-m", type=float, help="--unconditional: keep the top-m fraction of p(x̃)")
+    p.add_argument(
+        "--top-m-rounding",
+        choices=("ceil", "floor"),
+        help="--top-m keeps ceil(m·L) of the L candidates, or floor(m·L) as the CompVis release "
+        "(default: floor for an imported CompVis run, else ceil)",
+    )
     p.add_argument(
         "--weighted", action="store_true", help="--unconditional: draw ∝ p(x̃) within the top-m"
     )
@@ -74,11 +96,15 @@ def run(args: argparse.Namespace) -> int:
         raise RdmError(f"-n {args.num}: ask for at least one image")
     if args.steps is not None and args.steps < 1:
         raise RdmError(f"--steps {args.steps} must be >= 1")
+    release = imported_release(args.run)
+    text_mode = _text_mode(args, release)
     require_writable(args.out, is_dir=True, what="--out")  # before loading and sampling
     pipe = RDMPipeline.from_pretrained(
         args.run, args.db, neighbors=args.neighbors, encoder=args.encoder, weights=args.weights
     )
     db, k, n = pipe.db, pipe.k, args.num
+    # the release feeds the query token as CLIP outputs it (sample_with_query, normalize=False)
+    raw = release
     if args.image is not None:
         if args.image.is_dir():
             raise RdmError(f"--image {args.image} is a directory; give one image file")
@@ -86,9 +112,12 @@ def run(args: argparse.Namespace) -> int:
             image = decode_image(args.image)
         except BadImage as exc:
             raise RdmError(f"--image {args.image}: {exc}") from None
-        cond = C.image_context(db, pipe.encoder, k, image, n, include_query=args.include_query)
+        with_query = args.include_query or (release and not args.omit_query)
+        cond = C.image_context(
+            db, pipe.encoder, k, image, n, include_query=with_query, raw_query=raw
+        )
     elif args.text is not None:
-        cond = C.text_context(db, pipe.encoder, k, args.text, n, mode=args.text_mode)
+        cond = C.text_context(db, pipe.encoder, k, args.text, n, mode=text_mode, raw_query=raw)
     elif args.class_pool is not None:
         cond = C.class_pool_context(
             db, pipe.encoder, k, args.class_pool, n, pool_size=args.pool_size, seed=args.seed
@@ -103,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             weighted=args.weighted,
             uniform=args.uniform,
             seed=args.seed,
+            top_m_rounding=args.top_m_rounding or ("floor" if release else "ceil"),
         )
     seeds = list(range(args.seed, args.seed + n))
     samples = pipe(
@@ -120,3 +150,33 @@ def run(args: argparse.Namespace) -> int:
     grid = save_png(C.grid(cond, samples, db), args.out / "grid.png")
     print(f"wrote {len(samples)} samples and {grid} (each row: neighbours, then the sample)")
     return 0
+
+
+def imported_release(run: Path) -> bool:
+    """Whether ``run`` was imported from the CompVis release (``rdm import checkpoint`` writes
+    ``official.json``): it is then conditioned as the release conditions it."""
+    record = run / "official.json"
+    if not record.is_file():
+        return False
+    try:
+        meta = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RdmError(f"{record} cannot be read ({exc}); re-import the run") from None
+    return isinstance(meta, dict) and str(meta.get("format", "")).startswith("rdm-official-import/")
+
+
+def _text_mode(args: argparse.Namespace, release: bool) -> str:
+    """--text-mode, defaulting to the release's [text, k − 1 neighbours] for an imported run;
+    --omit-query asks for k neighbours and contradicts a query token asked for explicitly."""
+    if args.omit_query:
+        if args.image is None and args.text is None:
+            raise RdmError("--omit-query applies to --image and --text (the query token)")
+        if args.include_query:
+            raise RdmError("--omit-query and --include-query contradict each other; give one")
+        if args.text_mode not in (None, "neighbors"):
+            raise RdmError(
+                f"--omit-query leaves the text token out, but --text-mode {args.text_mode} "
+                "keeps it; give one of them"
+            )
+        return "neighbors"
+    return args.text_mode or ("text+neighbors" if release else "neighbors")
