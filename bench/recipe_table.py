@@ -47,7 +47,7 @@ def row(eval_dir: Path) -> str:
         f"{' clip' if s.get('clip_sample') else ''}{' raw' if s.get('weights') == 'model' else ''}"
     )
     return (
-        f"| {eval_dir.name} | {recipe(Path(r['run']))['recipe']} | {sampling} | {r['n']} | "
+        f"| {eval_dir.name if eval_dir.name != 'eval' else eval_dir} | {recipe(Path(r['run']))['recipe']} | {sampling} | {r['n']} | "
         f"{m['fd']:.1f} ({fl['fd']:.1f}, {m['fd'] / fl['fd']:.1f}x) | {m['kid']:.4f} | "
         f"{m['precision']:.2f} | {m['recall']:.2f} | {m['density']:.2f} | {m['coverage']:.2f} | "
         f"{fa.get('share', float('nan')):.2f} | {c['samples']['brightness']:.3f} "
