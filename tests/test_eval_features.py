@@ -177,9 +177,14 @@ def test_as_pixels_and_view_checks():
     with pytest.raises(ImageFormatError, match="samples\\[1\\] is 8x8 with 1 channel but"):
         as_pixels([rgb, grey], "samples")
     with pytest.raises(
-        ImageFormatError, match="are 8x8 with 3 channels but the real reference is 32x32 grey"
+        ImageFormatError, match="are 8x8 with 1 channel but the real reference is 32x32 grey"
     ):
-        require_view(as_pixels([rgb]), View(32, 1), "the samples")
+        require_view(as_pixels([rgb]), View(32, 1), "the samples")  # grey RGB -> 1 channel
+    red = Image.fromarray(np.full((8, 8, 3), (200, 0, 0), np.uint8))
+    with pytest.raises(ImageFormatError, match="have colour.*8x8 grey"):
+        require_view(as_pixels([red]), View(8, 1), "the samples")
+    with pytest.raises(ImageFormatError, match="are 8x8 with 1 channel but.*8x8 RGB"):
+        require_view(as_pixels([grey]), View(8, 3), "the samples")
 
 
 def test_model_view_is_the_training_transform():
