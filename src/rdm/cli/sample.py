@@ -80,6 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    p.add_argument("--device", default="cpu", help="device for the model, e.g. cuda (default: cpu)")
     p.add_argument("--out", type=Path, required=True, help="output directory for PNGs and grid")
     p.set_defaults(func=run)
 
@@ -100,7 +101,12 @@ def run(args: argparse.Namespace) -> int:
     text_mode = _text_mode(args, release)
     require_writable(args.out, is_dir=True, what="--out")  # before loading and sampling
     pipe = RDMPipeline.from_pretrained(
-        args.run, args.db, neighbors=args.neighbors, encoder=args.encoder, weights=args.weights
+        args.run,
+        args.db,
+        neighbors=args.neighbors,
+        encoder=args.encoder,
+        weights=args.weights,
+        device=args.device,
     )
     db, k, n = pipe.db, pipe.k, args.num
     # the release feeds the query token as CLIP outputs it (sample_with_query, normalize=False)
