@@ -257,3 +257,38 @@ def test_grey_samples_stored_as_rgb_are_read_as_grey_and_colour_is_refused():
         require_view(tinted, view, "the samples")
     with pytest.raises(ImageFormatError, match="32x32 grey"):
         require_view(grey, View(resolution=32, channels=1), "the samples")
+
+
+def test_guidance_rescale_matches_diffusers():
+    """CFG rescale φ against Lin et al. 2024 §3.4 (diffusers' rescale_noise_cfg, which needs
+    transformers to import, so written out here) on the same conditional/null outputs."""
+    from rdm.errors import RdmError
+    from rdm.sampling import guided
+
+    class TwoOutputs(torch.nn.Module):
+        def null_context(self, batch):
+            return torch.zeros(batch, 1, 2)
+
+        def forward(self, x, t, context):  # conditional: 3x + context, null: x
+            return x * (1 + 2 * context[:, :1, :1, None].ne(0)) + context.sum((1, 2)).view(
+                -1, 1, 1, 1
+            )
+
+    x = torch.linspace(-2, 2, 2 * 1 * 3 * 3).view(2, 1, 3, 3)
+    ctx = torch.ones(2, 1, 2)
+    model, t = TwoOutputs(), torch.tensor(5)
+    out_c, out_u = model(x, t, ctx), model(x, t, torch.zeros(2, 1, 2))
+    plain = out_u + 4.0 * (out_c - out_u)
+    torch.testing.assert_close(guided(model, ctx, None, 4.0)(x, t), plain)
+
+    def rescale_noise_cfg(cfg, cond, guidance_rescale):  # eqs. 15-17: per-image std ratio
+        dims = list(range(1, cfg.ndim))
+        ratio = cond.std(dim=dims, keepdim=True) / cfg.std(dim=dims, keepdim=True)
+        return guidance_rescale * cfg * ratio + (1 - guidance_rescale) * cfg
+
+    for phi in (0.0, 0.7, 1.0):
+        want = rescale_noise_cfg(plain, out_c, guidance_rescale=phi)
+        torch.testing.assert_close(guided(model, ctx, None, 4.0, phi)(x, t), want)
+    assert not torch.allclose(guided(model, ctx, None, 4.0, 0.7)(x, t), plain)
+    with pytest.raises(RdmError, match="rescale 1.5 must lie in \\[0, 1\\]"):
+        guided(model, ctx, None, 4.0, 1.5)

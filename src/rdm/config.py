@@ -210,6 +210,7 @@ class SampleConfig:
     steps: int = 100
     eta: float = 1.0
     guidance_scale: float = 2.0
+    guidance_rescale: float = 0.0  # CFG rescale φ (Lin et al. 2024); 0 = plain guidance
     seed: int = 0
     grid_size: int = 8  # images in the training-time sample grid
 

@@ -205,6 +205,7 @@ class RDMPipeline:
         eta: float | None = None,
         guidance_scale: float | None = None,
         clip_sample: bool | None = None,
+        guidance_rescale: float | None = None,
         batch_size: int = 16,
         callback: Callback | None = None,
         progress: bool = True,
@@ -224,6 +225,7 @@ class RDMPipeline:
         sampler, steps = sampler or s.sampler, steps or s.steps
         eta = s.eta if eta is None else eta
         scale = s.guidance_scale if guidance_scale is None else guidance_scale
+        rescale = s.guidance_rescale if guidance_rescale is None else guidance_rescale
         diffusion = self.config.diffusion
         if clip_sample is not None:
             if clip_sample and self.config.model.latent:
@@ -243,7 +245,7 @@ class RDMPipeline:
                 seeds[i : i + batch_size], unet_input_shape(self.config.model), self.device
             )  # (B, C, H, W), one generator per image
             ctx = torch.from_numpy(cond.context[i : i + batch_size]).to(self.device)  # (B, k', d)
-            denoise = guided(self.model, ctx, None, scale)  # ε(∅) + s·(ε(c) − ε(∅))
+            denoise = guided(self.model, ctx, None, scale, rescale)  # ε(∅) + s·(ε(c) − ε(∅))
             x0 = sample(
                 sampler,
                 denoise,

@@ -90,7 +90,11 @@ def initial_noise(
 
 
 def guided(
-    model, context: torch.Tensor | None, null: torch.Tensor | None = None, scale: float = 1.0
+    model,
+    context: torch.Tensor | None,
+    null: torch.Tensor | None = None,
+    scale: float = 1.0,
+    rescale: float = 0.0,
 ) -> Denoiser:
     """ε = ε(∅) + s · (ε(c) − ε(∅)) (Ho & Salimans 2022), with one batched forward.
 
@@ -100,7 +104,13 @@ def guided(
     ``model(x, t, context)`` is a :class:`rdm.model.RetrievalUNet`; ``context`` (B, k, d) or None
     (unconditional); ``null`` (B, k', d) defaults to the model's own ∅. s = 1 is plain conditional
     sampling and needs one half-size forward; s = 0 is unconditional.
+
+    ``rescale`` φ (Lin et al. 2024, §3.4, "CFG rescale"): the guided output g is pulled towards
+    g · std(out_c)/std(g) (per image), g ← φ · g · std(out_c)/std(g) + (1 − φ) · g, which undoes
+    the over-exposure a large s gives; φ = 0 is plain guidance (diffusers' rescale_noise_cfg).
     """
+    if not 0.0 <= rescale <= 1.0:
+        raise RdmError(f"guidance rescale {rescale} must lie in [0, 1] (0: off; 0.7 is usual)")
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         uncond = model.null_context(x.shape[0]) if null is None else null
@@ -113,7 +123,12 @@ def guided(
             out_c, out_u = both.float().chunk(2)
         else:  # different set sizes (e.g. text + neighbours) cannot share one batch
             out_c, out_u = model(x, t, context).float(), model(x, t, uncond).float()
-        return out_u + scale * (out_c - out_u)
+        out = out_u + scale * (out_c - out_u)
+        if rescale == 0.0:
+            return out
+        dims = list(range(1, out.ndim))
+        rescaled = out * (out_c.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+        return rescale * rescaled + (1 - rescale) * out
 
     return denoise
 

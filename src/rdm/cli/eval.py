@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="clip the predicted x_0 to [-1, 1] while sampling (default: the run's config)",
     )
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="default ema")
+    p.add_argument(
+        "--guidance-rescale", type=float, help="CFG rescale φ in [0, 1] (Lin et al. 2024)"
+    )
     p.add_argument("--batch-size", type=int, default=16, help="samples per forward pass")
     p.add_argument("--top-m", type=float, help="--mode unconditional: top-m fraction of p(x̃)")
     p.add_argument("--pool-size", type=int, default=32, help="--mode class-pool: L (default 32)")
@@ -128,6 +131,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         eta=args.eta,
         guidance=args.guidance,
         clip_sample=args.clip_sample,
+        guidance_rescale=args.guidance_rescale,
         weights=args.weights,
         batch_size=args.batch_size,
         top_m=args.top_m,

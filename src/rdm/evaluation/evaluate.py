@@ -280,6 +280,9 @@ def _sampling_record(cfg, req: EvalRequest) -> dict:
         "guidance": s.guidance_scale if r.guidance is None else r.guidance,
         "clip_sample": cfg.diffusion.clip_sample if r.clip_sample is None else r.clip_sample,
         "weights": r.weights,
+        "guidance_rescale": (
+            s.guidance_rescale if r.guidance_rescale is None else r.guidance_rescale
+        ),
         **({"top_m": r.top_m} if req.mode == "unconditional" else {}),
         **({"pool_size": r.pool_size} if req.mode == "class-pool" else {}),
     }

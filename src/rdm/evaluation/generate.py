@@ -28,6 +28,7 @@ class Sampling:
     eta: float | None = None
     guidance: float | None = None
     clip_sample: bool | None = None  # clip x̂_0 to [-1, 1] while sampling
+    guidance_rescale: float | None = None  # CFG rescale φ
     weights: str = "ema"  # "ema" or "model" (the raw weights)
     batch_size: int = 16
     top_m: float | None = None  # unconditional: keep the top-m fraction of p(x̃)
@@ -86,6 +87,7 @@ def sample(pipe, cond, seed: int, sampling: Sampling) -> list[Image.Image]:
         eta=sampling.eta,
         guidance_scale=sampling.guidance,
         clip_sample=sampling.clip_sample,
+        guidance_rescale=sampling.guidance_rescale,
         batch_size=sampling.batch_size,
     )
 
