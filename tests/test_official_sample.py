@@ -143,9 +143,9 @@ def captured(monkeypatch):
         got["sample"].append({"sampler": sampler, "steps": steps, "eta": kwargs["eta"]})
         return real_sample(sampler, denoise, x_T, diffusion_cfg, steps, **kwargs)
 
-    def guided(model, context, null=None, scale=1.0):
+    def guided(model, context, null=None, scale=1.0, *args, **kwargs):
         got["guided"].append({"model": model, "context": context, "null": null, "scale": scale})
-        return real_guided(model, context, null, scale)
+        return real_guided(model, context, null, scale, *args, **kwargs)
 
     monkeypatch.setattr(rdm.sampling, "sample", sample)
     monkeypatch.setattr(rdm.sampling, "guided", guided)
