@@ -45,6 +45,7 @@ def row(eval_dir: Path) -> str:
     sampling = (
         f"{s.get('sampler')}-{s.get('steps')} η={s.get('eta')} s={s.get('guidance')}"
         f"{' clip' if s.get('clip_sample') else ''}{' raw' if s.get('weights') == 'model' else ''}"
+        f"{' φ=' + format(s['guidance_rescale'], 'g') if s.get('guidance_rescale') else ''}"
     )
     return (
         f"| {eval_dir.name if eval_dir.name != 'eval' else eval_dir} | {recipe(Path(r['run']))['recipe']} | {sampling} | {r['n']} | "
