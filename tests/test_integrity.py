@@ -435,3 +435,21 @@ def test_an_unexpected_os_error_is_one_line_naming_the_path(monkeypatch, capsys,
     monkeypatch.setattr(rdm.cli.db, "run_verify", denied)
     assert main(["db", "verify", str(tmp_path)]) == 1
     one_line_error(capsys, tmp_path / "x", "Permission denied")
+
+
+def test_publish_shard_moves_once_and_refuses_a_damaged_shard(tmp_path):
+    """The shard step shared by `rdm db build` and `rdm db import`: idempotent, sha256-checked."""
+    from rdm.db_build import publish_shard
+    from rdm.io import sha256_file
+
+    built = tmp_path / "_build" / "s.npy"
+    built.parent.mkdir()
+    built.write_bytes(b"shard bytes")
+    digest = sha256_file(built)
+    entry = publish_shard(tmp_path, 3, built, digest, 7, "redo shard 3")
+    assert entry == {"file": "embeddings/shard-00003.npy", "rows": 7, "sha256": digest}
+    assert not built.exists() and (tmp_path / entry["file"]).read_bytes() == b"shard bytes"
+    assert publish_shard(tmp_path, 3, built, digest, 7, "redo shard 3") == entry  # rerun
+    (tmp_path / entry["file"]).write_bytes(b"shard bytez")
+    with pytest.raises(DatabaseError, match="redo shard 3"):
+        publish_shard(tmp_path, 3, built, digest, 7, "redo shard 3")

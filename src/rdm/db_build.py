@@ -285,25 +285,40 @@ def _finish(
 
 def _move_shards(out: Path, records: list[dict]) -> list[dict]:
     """Move non-empty ``_build`` shards to ``embeddings/`` (idempotent); their manifest entries."""
-    (out / EMBEDDINGS).mkdir(exist_ok=True)
-    shards = []
-    for r in records:
-        if not r["rows"]:
-            continue
-        final = out / EMBEDDINGS / f"shard-{r['shard']:05d}.npy"
-        built = _shard_build_path(out, r["shard"])
-        if built.is_file():
-            os.replace(built, final)
-        if not final.is_file() or sha256_file(final) != r["sha256"]:
-            raise DatabaseError(
-                f"embeddings shard {r['shard']} of the partial build in {out} is missing or "
-                f"damaged; delete {_shard_record_path(out, r['shard'])} and rerun the build to "
-                "recompute it"
-            )
-        shards.append(
-            {"file": f"{EMBEDDINGS}/{final.name}", "rows": len(r["rows"]), "sha256": r["sha256"]}
+    return [
+        publish_shard(
+            out,
+            r["shard"],
+            _shard_build_path(out, r["shard"]),
+            r["sha256"],
+            len(r["rows"]),
+            f"embeddings shard {r['shard']} of the partial build in {out} is missing or damaged; "
+            f"delete {_shard_record_path(out, r['shard'])} and rerun the build to recompute it",
         )
-    return shards
+        for r in records
+        if r["rows"]
+    ]
+
+
+def publish_shard(
+    out: Path,
+    number: int,
+    built: Path,
+    sha256: str,
+    rows: int,
+    damaged: str,
+    error: type[DatabaseError] = DatabaseError,
+) -> dict:
+    """Move the finished shard ``built`` to ``embeddings/shard-NNNNN.npy`` (idempotent: a rerun
+    finds it there), check it against its recorded sha256 and return its manifest entry; a
+    missing or damaged shard raises ``error(damaged)``."""
+    (out / EMBEDDINGS).mkdir(exist_ok=True)
+    final = out / EMBEDDINGS / f"shard-{number:05d}.npy"
+    if built.is_file():
+        os.replace(built, final)
+    if not final.is_file() or sha256_file(final) != sha256:
+        raise error(damaged)
+    return {"file": f"{EMBEDDINGS}/{final.name}", "rows": rows, "sha256": sha256}
 
 
 def _split_labels(source: Source, split: str, db_fraction: float, rows: list[dict]) -> list[str]:

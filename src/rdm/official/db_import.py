@@ -34,7 +34,6 @@ release model for unconditional sampling with no CLIP weights at hand.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
@@ -48,7 +47,6 @@ import numpy as np
 
 from rdm.database import (
     BUILD,
-    EMBEDDINGS,
     FORMAT,
     MANIFEST,
     METADATA,
@@ -63,7 +61,7 @@ from rdm.database import (
     read_json,
     verify,
 )
-from rdm.db_build import DEFAULT_MEMORY_BUDGET, build_and_save_index
+from rdm.db_build import DEFAULT_MEMORY_BUDGET, build_and_save_index, publish_shard
 from rdm.encoders import Encoder, describe_identity, identity_fingerprint, release_identity
 from rdm.io import atomic_write, require_writable, sha256_file, write_json, write_text
 
@@ -652,22 +650,19 @@ def _finish(
 
 
 def _move_shards(out: Path, records: list[dict]) -> list[dict]:
-    (out / EMBEDDINGS).mkdir(exist_ok=True)
-    shards = []
-    for r in records:
-        final = out / EMBEDDINGS / f"shard-{r['part']:05d}.npy"
-        built = _shard_path(out, r["part"])
-        if built.is_file():
-            os.replace(built, final)
-        if not final.is_file() or sha256_file(final) != r["sha256"]:
-            raise DbImportError(
-                f"the shard of part {r['part']} in {out} is missing or damaged; delete "
-                f"{_record_path(out, r['part'])} and rerun the import to redo that part"
-            )
-        shards.append(
-            {"file": f"{EMBEDDINGS}/{final.name}", "rows": r["rows"], "sha256": r["sha256"]}
+    return [
+        publish_shard(
+            out,
+            r["part"],
+            _shard_path(out, r["part"]),
+            r["sha256"],
+            r["rows"],
+            f"the shard of part {r['part']} in {out} is missing or damaged; delete "
+            f"{_record_path(out, r['part'])} and rerun the import to redo that part",
+            DbImportError,
         )
-    return shards
+        for r in records
+    ]
 
 
 def _concat_metadata(out: Path, n_parts: int) -> None:
