@@ -36,17 +36,23 @@ class EncodedBatch:
 def content_hash(image: Image.Image) -> str:
     """sha256 (first 16 bytes, hex) of an image's RGB pixels and size: equal for the same picture
     stored under any name or format that decodes to the same pixels."""
-    rgb = image.convert("RGB")
+    rgb = _rgb(image)
     h = hashlib.sha256(f"{rgb.size[0]}x{rgb.size[1]}:".encode())
     h.update(rgb.tobytes())
     return h.hexdigest()[:32]
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB; sources already give RGB (Source.load), which is then not copied again
+    for each of content_hash and is_grey in the encoding loop."""
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def is_grey(image: Image.Image) -> bool:
     """True when the picture has no colour: a grey mode, or RGB(A) pixels with R = G = B."""
     if image.mode in ("1", "L", "LA", "I", "I;16", "F"):
         return True
-    rgb = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+    rgb = np.asarray(_rgb(image))  # (H, W, 3) uint8
     return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
 
 
