@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rdm.cli.train import parse_channels
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -23,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="small", help="model preset for --train (default small)")
     p.add_argument(
         "--channels",
+        type=parse_channels,
         help="--train: UNet channels per level (default: 32,64,64 for the small preset, "
         "else the preset's own)",
     )
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             source=args.data,
             train=args.train,
             preset=args.preset,
-            channels=_channels(args.channels) if args.channels else None,
+            channels=args.channels,
             threads=args.threads,
             steps=args.steps,
             batch_size=args.batch_size,
@@ -59,12 +62,3 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     return 0
-
-
-def _channels(text: str) -> tuple[int, ...]:
-    from rdm.errors import RdmError
-
-    try:
-        return tuple(int(c) for c in text.split(","))
-    except ValueError:
-        raise RdmError(f"--channels {text!r}: give integers like 32,64,64") from None

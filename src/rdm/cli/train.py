@@ -33,7 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--k", type=int, help="neighbours per image (default 4)")
     model.add_argument("--null-context", choices=("learned", "zeros"))
     model.add_argument(
-        "--channels", type=_channels, dest="block_out_channels", help="UNet widths, e.g. 32,64,64"
+        "--channels",
+        type=parse_channels,
+        dest="block_out_channels",
+        help="UNet widths, e.g. 32,64,64",
     )
     model.add_argument(
         "--image-channels",
@@ -196,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _channels(text: str) -> tuple[int, ...]:
+def parse_channels(text: str) -> tuple[int, ...]:
+    """argparse type of ``--channels``: UNet widths like ``32,64,64``."""
     try:
         widths = tuple(int(c) for c in text.split(","))
     except ValueError:
