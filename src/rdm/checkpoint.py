@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from rdm.config import RunConfig
+from rdm.ema import extra_names
 from rdm.errors import RdmError
 from rdm.io import atomic_write, replace_dir, sha256_file, write_json
 
@@ -106,17 +107,21 @@ def load_weights(
 def load_run(run_dir: str | Path, weights: str = "ema", device: str | torch.device = "cpu"):
     """(model, config) of a run directory, ready for sampling (eval mode, no grad).
 
-    ``weights`` is "ema" (default, what the paper samples from) or "model". A finished run's
+    ``weights`` is "ema" (default, what the paper samples from), "model", or one of the run's
+    further EMAs (``train.ema_extra``, e.g. "ema-power-0.75"; rdm.ema). A finished run's
     top-level weights are used; an unfinished run falls back to its newest checkpoint. The
     weights are checked against the sha256 that ``config.json`` (or the checkpoint's
     ``state.json``) recorded; a run saved before rdm recorded checksums loads with a note.
     """
     from rdm.model import RetrievalUNet, resolve_vae_path
 
-    if weights not in ("ema", "model"):
-        raise CheckpointError(f"weights={weights!r}: use 'ema' or 'model'")
     run_dir = Path(run_dir)
     cfg = RunConfig.from_json(run_dir / "config.json")
+    choices = ["ema", "model", *extra_names(cfg.train.ema_extra)]
+    if weights not in choices:
+        raise CheckpointError(
+            f"weights={weights!r}: {run_dir} has {', '.join(repr(c) for c in choices)}"
+        )
     # a first stage kept inside the run (an imported official run's) is found wherever it moves
     cfg.model.vae_path = resolve_vae_path(cfg.model.vae_path, run_dir)
     path = run_dir / f"{weights}.safetensors"
@@ -231,8 +236,11 @@ def save_checkpoint(
     state: dict,
     config: RunConfig,
     keep_last: int,
+    extra_emas: dict[str, nn.Module] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically, then delete all but the newest ``keep_last``.
+
+    ``extra_emas``: the run's further EMAs by weights name (``ema-power-0.75``; rdm.ema).
 
     ``state.json`` is written last and records the sha256 of every tensor file."""
     from safetensors.torch import save_file
@@ -252,6 +260,7 @@ def save_checkpoint(
         "ema.safetensors": _state_dict(ema),
         "optimizer.safetensors": opt_tensors,
         "rng.safetensors": rng_tensors,
+        **{f"{name}.safetensors": _state_dict(m) for name, m in (extra_emas or {}).items()},
     }
     for name, value in tensors.items():
         save_file(value, str(tmp / name))
@@ -269,7 +278,11 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: str | Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer
+    path: str | Path,
+    model: nn.Module,
+    ema: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra_emas: dict[str, nn.Module] | None = None,
 ) -> dict:
     """Restore weights, optimizer and RNG states from a checkpoint; returns its state.json.
 
@@ -286,6 +299,9 @@ def load_checkpoint(
         recorded = {}
     load_weights(model, path / "model.safetensors", recorded.get("model.safetensors"), fix)
     load_weights(ema, path / "ema.safetensors", recorded.get("ema.safetensors"), fix)
+    for name, extra in (extra_emas or {}).items():
+        file = f"{name}.safetensors"
+        load_weights(extra, path / file, recorded.get(file), fix)
     try:
         opt = _optimizer_from_files(
             _load_tensors(path / "optimizer.safetensors", recorded),

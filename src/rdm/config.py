@@ -166,10 +166,16 @@ class TrainConfig:
     batch_size: int = 64  # per process
     lr: float = 1e-4
     warmup_steps: int = 100  # linear warm-up from 0, then constant (LDM's LambdaLinear)
+    # after the warm-up: "constant" (LDM), or "cosine" decay to 0 at the last step (diffusers'
+    # get_cosine_schedule_with_warmup)
+    lr_schedule: str = "constant"
     weight_decay: float = 0.01  # torch AdamW's default, as LDM uses it
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     ema_decay: float = 0.9999
+    # further EMAs of the same run, each saved as ema-<name>.safetensors (rdm.train.EmaSpec):
+    # "ldm:DECAY", "power:P" (diffusers' EMAModel warm-up) or "halflife:IMAGES" (EDM)
+    ema_extra: list[str] = field(default_factory=list)
     # min-SNR-γ loss weighting (Hang et al. 2023): weight min(SNR_t, γ) on the x_0 error, i.e.
     # min(SNR, γ)/SNR on ε's and min(SNR, γ)/(SNR + 1) on v's; None: the plain loss
     snr_gamma: float | None = None
@@ -199,6 +205,14 @@ class TrainConfig:
             )
         if self.keep_last < 1:
             raise ConfigError(f"train.keep_last={self.keep_last} must be >= 1")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}: use 'constant' or 'cosine'")
+        from rdm.ema import EmaSpecError, extra_names
+
+        try:
+            extra_names(self.ema_extra)
+        except EmaSpecError as exc:
+            raise ConfigError(f"train.ema_extra: {exc}") from None
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise ConfigError(f"train.snr_gamma={self.snr_gamma} must be > 0 (5 is usual) or null")
 

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from rdm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from rdm.config import RunConfig, TrainConfig
 from rdm.diffusion import diffusion_loss, make_scheduler
+from rdm.ema import EmaSpec, ema_decay_at, ema_update
 from rdm.errors import IdentityMismatch, RdmError
 from rdm.io import atomic_write, require_writable
 from rdm.model import RetrievalUNet, count_parameters, decode, encode, load_vae
@@ -233,25 +234,16 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over ``warmup_steps`` (LDM's LambdaLinear), then constant."""
-    if cfg.warmup_steps <= 0:
+    """Linear warm-up over ``warmup_steps`` (LDM's LambdaLinear), then constant or cosine.
+
+    The cosine decays to 0 at ``cfg.steps``, as diffusers' ``get_cosine_schedule_with_warmup``
+    (whose multiplier at ``step`` this equals for every step)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
         return cfg.lr
-    return cfg.lr * min(1.0, step / cfg.warmup_steps)
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """Short memory at the start so the EMA does not average in the random initialisation."""
-    return min(decay, (1 + step) / (10 + step))
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """θ_ema ← decay · θ_ema + (1 − decay) · θ; buffers are copied."""
-    ema_p = list(ema.parameters())
-    model_p = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
-        b_ema.copy_(b)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 # --- the training loop --------------------------------------------------------------------------
@@ -289,6 +281,10 @@ def train(
         torch.manual_seed(tc.seed)
         model = RetrievalUNet(cfg.model)
     ema = copy.deepcopy(model).requires_grad_(False)
+    # further EMAs of the same trajectory, to compare schedules (rdm.ema): name -> (spec, copy)
+    extras = {
+        EmaSpec.parse(spec).name: (EmaSpec.parse(spec), copy.deepcopy(ema)) for spec in tc.ema_extra
+    }
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay
     )
@@ -297,7 +293,9 @@ def train(
     # Resume: weights, optimizer and RNG states, and the data stream at the checkpoint's step.
     start, loss_value = 0, float("nan")
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, ema, optimizer)
+        state = load_checkpoint(
+            checkpoint, model, ema, optimizer, {n: m for n, (_, m) in extras.items()}
+        )
         start, loss_value = int(state["step"]), float(state.get("loss", "nan"))
         if start > tc.steps:
             raise RdmError(f"{checkpoint} is already past --steps {tc.steps}; ask for more steps")
@@ -305,6 +303,8 @@ def train(
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=tc.num_workers)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(device)
+    for _, extra in extras.values():
+        extra.to(device)
     precision = resolve_precision(tc.mixed_precision, device)
     if main:
         _truncate_loss_csv(run_dir / "loss.csv", start)
@@ -347,6 +347,10 @@ def train(
 
         # Update EMA.
         ema_update(ema, accelerator.unwrap_model(model), ema_decay_at(step, tc.ema_decay))
+        for spec, extra in extras.values():
+            ema_update(
+                extra, accelerator.unwrap_model(model), spec.decay(step, tc.batch_size * world)
+            )
 
         # Log.
         rows.append((step, loss_value, lr))
@@ -377,6 +381,7 @@ def train(
                     state,
                     cfg,
                     tc.keep_last,
+                    {n: m for n, (_, m) in extras.items()},
                 )
                 _plot_loss(
                     run_dir / "loss.csv", run_dir / "loss.png", cfg.diffusion.prediction_type
@@ -393,6 +398,8 @@ def train(
         cfg.to_json(run_dir / "config.json")  # first: save_weights records checksums in it
         save_weights(accelerator.unwrap_model(model), run_dir / "model.safetensors")
         save_weights(ema, run_dir / "ema.safetensors")
+        for name, (_, extra) in extras.items():
+            save_weights(extra, run_dir / f"{name}.safetensors")
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - t_first if t_first else 0.0
     return TrainResult(run_dir, step, loss_value, images / seconds if seconds else float("nan"))
@@ -486,6 +493,11 @@ def check_resume_config(old: RunConfig, new: RunConfig, run_dir: Path) -> None:
         if f.name not in RESUMABLE_CHANGES
         and getattr(old.train, f.name) != getattr(new.train, f.name)
     ]
+    if old.train.lr_schedule == "cosine" and old.train.steps != new.train.steps:
+        changed.append(
+            f"steps: {old.train.steps} -> {new.train.steps} (the cosine learning rate is a "
+            "function of the total steps)"
+        )
     # clipping is a sampling setting (it never reaches the loss): it may change
     old_diffusion = replace(old.diffusion, clip_sample=new.diffusion.clip_sample)
     if changed or old_diffusion != new.diffusion:

@@ -52,7 +52,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         help="clip the predicted x_0 to [-1, 1] while sampling (default: the run's config)",
     )
-    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="default ema")
+    p.add_argument(
+        "--weights",
+        default="ema",
+        help="ema (default), model (the raw weights) or a further EMA the run kept "
+        "(ema-<kind>-<value>, rdm train --ema-extra)",
+    )
     p.add_argument(
         "--guidance-rescale", type=float, help="CFG rescale φ in [0, 1] (Lin et al. 2024)"
     )

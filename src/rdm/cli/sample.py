@@ -79,7 +79,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="clip the predicted x_0 to [-1, 1] while sampling (default: the run's config)",
     )
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    p.add_argument(
+        "--weights",
+        default="ema",
+        help="ema (default), model (the raw weights) or a further EMA the run kept "
+        "(ema-<kind>-<value>, rdm train --ema-extra)",
+    )
     p.add_argument("--device", default="cpu", help="device for the model, e.g. cuda (default: cpu)")
     p.add_argument("--out", type=Path, required=True, help="output directory for PNGs and grid")
     p.set_defaults(func=run)

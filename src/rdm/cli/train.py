@@ -69,7 +69,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--batch-size", type=int, help="images per step and process")
     train.add_argument("--lr", type=float)
     train.add_argument("--warmup", type=int, dest="warmup_steps", help="linear warm-up steps")
+    train.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        help="after the warm-up: constant (default) or cosine decay to 0 at --steps",
+    )
     train.add_argument("--ema-decay", type=float)
+    train.add_argument(
+        "--ema-extra",
+        action="append",
+        metavar="SPEC",
+        help="keep a further EMA, saved as ema-<kind>-<value>.safetensors (repeatable): "
+        "ldm:DECAY, power:P (diffusers' warm-up) or halflife:IMAGES (EDM); sample it with "
+        "--weights ema-<kind>-<value>",
+    )
     train.add_argument(
         "--snr-gamma", type=float, help="min-SNR-γ loss weighting (Hang et al. 2023; 5 is usual)"
     )
@@ -104,7 +117,9 @@ TRAIN_FLAGS = (
     "batch_size",
     "lr",
     "warmup_steps",
+    "lr_schedule",
     "ema_decay",
+    "ema_extra",
     "snr_gamma",
     "p_uncond",
     "k_random_from_top_n",
