@@ -105,6 +105,20 @@ def test_other_modes_run(world, clf, tmp_path, mode):  # noqa: F811
         assert r["faithfulness"]["target"] == "prompt class"
 
 
+@pytest.mark.parametrize(
+    "text_mode, n_rows", [("text", 0), ("text+neighbors", 2), ("neighbors", 3)]
+)
+def test_text_modes_retrieve_as_many_rows_as_they_say(world, clf, tmp_path, text_mode, n_rows):  # noqa: F811
+    """The paper's three text conditionings: the prompt alone, the prompt before k-1 retrieved
+    neighbours, or k neighbours retrieved by the prompt (the tiny run has k = 3)."""
+    args = _eval_args(world, clf, tmp_path, "--n", "6", "--mode", "text", "--memo-n", "0")
+    assert main([*args, "--text-mode", text_mode]) == 0
+    r = json.loads((tmp_path / "report" / "eval.json").read_text())
+    assert r["sampling"]["text_mode"] == text_mode
+    records = (tmp_path / "report" / "samples" / "conditioning.jsonl").read_text().splitlines()
+    assert [len(json.loads(line)["rows"]) for line in records] == [n_rows] * 6
+
+
 def test_clip_features_are_the_database_encoders(world, clf, tmp_path):  # noqa: F811
     args = _eval_args(world, clf, tmp_path, "--n", "6", "--features", "clip", "--memo-n", "0")
     assert main(args) == 0

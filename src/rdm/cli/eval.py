@@ -18,6 +18,7 @@ USAGE = (
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from rdm.conditioning import TEXT_MODES
     from rdm.evaluation.features import EXTRACTORS
     from rdm.evaluation.generate import MODES
 
@@ -64,6 +65,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="samples per forward pass")
     p.add_argument("--top-m", type=float, help="--mode unconditional: top-m fraction of p(x̃)")
     p.add_argument("--pool-size", type=int, default=32, help="--mode class-pool: L (default 32)")
+    p.add_argument(
+        "--text-mode",
+        choices=TEXT_MODES,
+        default="neighbors",
+        help="--mode text: the prompt retrieves the k neighbours (default), is the first "
+        "context token before k-1 neighbours (text+neighbors), or the whole context (text)",
+    )
     p.add_argument(
         "--prompt",
         action="append",
@@ -141,6 +149,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         top_m=args.top_m,
         pool_size=args.pool_size,
+        text_mode=args.text_mode,
     )
     req = EvalRequest(
         run=Path(args.run),

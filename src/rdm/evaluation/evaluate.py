@@ -285,6 +285,7 @@ def _sampling_record(cfg, req: EvalRequest) -> dict:
         ),
         **({"top_m": r.top_m} if req.mode == "unconditional" else {}),
         **({"pool_size": r.pool_size} if req.mode == "class-pool" else {}),
+        **({"text_mode": r.text_mode} if req.mode == "text" else {}),
     }
 
 

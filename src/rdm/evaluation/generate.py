@@ -33,6 +33,9 @@ class Sampling:
     batch_size: int = 16
     top_m: float | None = None  # unconditional: keep the top-m fraction of p(x̃)
     pool_size: int = 32  # class-pool: L
+    # text: the prompt retrieves k neighbours ("neighbors"), is the first of the k context tokens
+    # ("text+neighbors") or the whole context ("text"), rdm.conditioning.text_context
+    text_mode: str = "neighbors"
 
 
 def conditionings(pipe, mode: str, n: int, *, queries, prompts, seed: int, sampling: Sampling):
@@ -54,7 +57,10 @@ def conditionings(pipe, mode: str, n: int, *, queries, prompts, seed: int, sampl
             raise RdmError(f"--mode {mode} needs prompts (--prompt TEXT)")
         chosen = [prompts[i % len(prompts)] for i in range(n)]
         if mode == "text":
-            per_prompt = {p: C.text_context(db, pipe.encoder, k, p, 1) for p in prompts[:n]}
+            per_prompt = {
+                p: C.text_context(db, pipe.encoder, k, p, 1, mode=sampling.text_mode)
+                for p in prompts[:n]
+            }
             conds = [per_prompt[p] for p in chosen]
         else:  # k of the prompt's top-L, drawn per sample from seed + i
             conds = [
