@@ -26,6 +26,7 @@ File (docs/design.md, "Neighbours file"): safetensors with ``query_ids`` (N,), `
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +34,12 @@ from pathlib import Path
 import numpy as np
 
 from rdm.data import Source, splits_disjoint
-from rdm.database import Database, rebuild_command
+from rdm.database import Database, ids_sha256, rebuild_command
 from rdm.duplicates import calibrate
 from rdm.embedding import encode_source
 from rdm.encoders import Encoder, require_same_identity
 from rdm.errors import IdentityMismatch, RdmError
-from rdm.io import atomic_write, require_writable
+from rdm.io import atomic_write, require_writable, write_json
 from rdm.pseudo_query import distribution as pseudo_query_distribution
 
 FORMAT = "rdm-neighbors/1"
@@ -104,42 +105,243 @@ def compute_neighbors(
     out: str | Path | None = None,
     progress: bool = True,
     seed: int = 0,
+    block_size: int | None = None,
 ) -> Path:
     """Find the ``k`` database neighbours of every readable image of ``source``'s ``split`` and
     write the neighbours file (default ``DB/neighbors-<split>.safetensors``). Returns its path.
 
     Candidates that are the query itself, an exact pixel duplicate of it, or a near-duplicate
     (cosine > ``exclude_threshold``; None = derived from the encoder by
-    :func:`rdm.duplicates.calibrate` with ``seed``) are excluded, whatever the splits."""
+    :func:`rdm.duplicates.calibrate` with ``seed``) are excluded, whatever the splits.
+
+    The queries are worked in blocks of ``block_size`` (default :data:`BLOCK_SIZE`), each written
+    to ``OUT.partial/`` when done (:func:`neighbor_block`), so a killed run resumes from its
+    finished blocks and ends with exactly the bytes of an unbroken run."""
+    plan = plan_neighbors(
+        db, source, split, encoder, k, k_p, exclude_threshold, batch_size, out, seed, block_size
+    )
+    pending = plan.pending()
+    with _progress_bar(plan.ids_count, progress) as bar:
+        bar.update(plan.ids_count - sum(len(plan.block_ids(source, b)) for b in pending))
+        for b in pending:
+            neighbor_block(db, source, encoder, plan, b, bar=bar)
+    return finish_neighbors(db, plan)
+
+
+#: queries per resumable block: 8192 x 20 neighbours is 2.6 MB of results, a few minutes of CLIP
+BLOCK_SIZE = 8192
+PLAN = "plan.json"
+
+
+@dataclass
+class NeighborPlan:
+    """Everything a neighbours run decides once, shared by all its blocks.
+
+    Written to ``partial/plan.json`` before the first block, and read back by a resumed run (and
+    by every worker of a distributed one), so every block of one run uses the same threshold even
+    where calibration would differ between machines. ``blocks`` are ``[start, stop)`` ranges into
+    the query split's ids (:meth:`block_ids`); block ``b`` is done when
+    ``partial/block-<b>.npz`` exists (:meth:`block_path`)."""
+
+    out: str  # the neighbours file
+    db_fingerprint: str
+    encoder: dict  # the database's encoder identity (the query encoder was checked against it)
+    queries: dict  # {spec, split, db_fraction, ids_count, ids_sha256}
+    k: int
+    k_p: int
+    batch_size: int
+    exclusion: dict  # {threshold, threshold_from, calibration, same_source, items_disjoint}
+    blocks: list[list[int]]  # [[start, stop), ...] into the split's ids, in order
+
+    @property
+    def partial(self) -> Path:
+        """The directory of finished blocks: ``OUT.partial`` beside the neighbours file."""
+        out = Path(self.out)
+        return out.with_name(out.name + ".partial")
+
+    @property
+    def ids_count(self) -> int:
+        return int(self.queries["ids_count"])
+
+    def block_path(self, b: int) -> Path:
+        return self.partial / f"block-{b:05d}.npz"
+
+    def block_ids(self, source: Source, b: int) -> np.ndarray:
+        """(n_b,) int64 query ids of block ``b``, ascending."""
+        start, stop = self.blocks[b]
+        ids = source.split_ids(self.queries["split"], self.queries["db_fraction"])
+        return ids[start:stop]
+
+    def pending(self) -> list[int]:
+        """Blocks not yet written, in order."""
+        return [b for b in range(len(self.blocks)) if not self.block_path(b).is_file()]
+
+    def as_dict(self) -> dict:
+        return {"format": PLAN_FORMAT, **self.__dict__}
+
+
+PLAN_FORMAT = "rdm-neighbors-plan/1"
+
+
+def plan_neighbors(
+    db: Database,
+    source: Source,
+    split: str,
+    encoder: Encoder,
+    k: int = 20,
+    k_p: int = 4,
+    exclude_threshold: float | None = None,
+    batch_size: int = 256,
+    out: str | Path | None = None,
+    seed: int = 0,
+    block_size: int | None = None,
+) -> NeighborPlan:
+    """Check the request, decide the exclusion (calibrating the threshold when none is given) and
+    the blocks, and write them to ``OUT.partial/plan.json``; or read them back from there when a
+    run with the same options was interrupted (then nothing is recalibrated)."""
     _check_arguments(db, k, k_p, exclude_threshold, batch_size)
+    block_size = BLOCK_SIZE if block_size is None else block_size
+    if block_size < 1:
+        raise NeighborsError(f"the block size must be positive, got {block_size}")
     path = Path(out) if out is not None else db.root / f"neighbors-{split}.safetensors"
     require_writable(path, what="neighbours file")
     db.require_encoder(encoder, f"query encoder {encoder.identity.get('spec', '?')}")
     db_fraction = float(db.manifest["source"]["db_fraction"])
     ids = source.split_ids(split, db_fraction)  # (n,) int64 ascending
+    queries = {
+        "spec": source.spec,
+        "split": split,
+        "db_fraction": db_fraction,
+        "ids_count": int(len(ids)),
+        "ids_sha256": ids_sha256(ids),
+    }
+    blocks = [[i, min(i + block_size, len(ids))] for i in range(0, len(ids), block_size)]
+    settings = {
+        "out": str(path),
+        "db_fingerprint": db.fingerprint,
+        "encoder": db.identity,
+        "queries": queries,
+        "k": k,
+        "k_p": k_p,
+        "batch_size": batch_size,
+        "blocks": blocks,
+    }
+    partial = path.with_name(path.name + ".partial")
+    stored = _stored_plan(partial, settings, exclude_threshold)
+    if stored is not None:
+        done = len(stored.blocks) - len(stored.pending())
+        _note(f"resuming the neighbours in {partial}: {done} of {len(blocks)} blocks done")
+        return stored
     exclusion = _exclusion(db, source, split, ids, encoder, exclude_threshold, batch_size, seed)
+    decided = {
+        "threshold": exclusion.threshold,
+        "threshold_from": exclusion.threshold_from,
+        "calibration": exclusion.calibration,
+        "same_source": exclusion.same_source,
+        "items_disjoint": exclusion.items_disjoint,
+    }
+    require_writable(partial, is_dir=True, what="neighbours block directory")
+    plan = NeighborPlan(**settings, exclusion=decided)
+    write_json(partial / PLAN, plan.as_dict())
+    # every run, fresh or resumed, goes on from the plan as JSON gives it back: same bytes after
+    return _read_plan(partial / PLAN)
 
-    query_ids, skipped, rows, scores, grey = [], [], [], [], True
-    with _progress_bar(len(ids), progress) as bar:
-        for batch in encode_source(source, ids, encoder, batch_size, skipped):
-            if len(batch.ids):
-                I, D = _neighbours(db, batch.ids, batch.hashes, batch.embeddings, k, exclusion)
-                query_ids.append(batch.ids)
-                grey = grey and all(batch.grey)
-                rows.append(I)
-                scores.append(D)
-            bar.update(batch.seen)
-    if not query_ids:
+
+def _stored_plan(partial: Path, settings: dict, threshold: float | None) -> NeighborPlan | None:
+    """The plan of an interrupted run with these settings; refuse one made with others."""
+    if not (partial / PLAN).is_file():
+        return None
+    plan = _read_plan(partial / PLAN)
+    stored = plan.as_dict()
+    diffs = [key for key in settings if stored[key] != json.loads(json.dumps(settings[key]))]
+    if threshold is not None and plan.exclusion["threshold"] != float(threshold):
+        diffs.append("exclude_threshold")
+    if threshold is None and plan.exclusion["threshold_from"] != "derived":
+        diffs.append("exclude_threshold")
+    if diffs:
         raise NeighborsError(
-            f"no image of {source.spec} split {split!r} could be read; no neighbours"
+            f"{partial} holds the blocks of an interrupted neighbours run with other options "
+            f"({', '.join(diffs)} differ); rerun the original command to finish it, or delete "
+            f"{partial} to start over"
         )
+    return plan
 
-    nn_rows = np.concatenate(rows)  # (N, k) int64
+
+def _read_plan(path: Path) -> NeighborPlan:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NeighborsError(
+            f"neighbours plan {path} cannot be read ({exc}); delete {path.parent} and rerun"
+        ) from None
+    if data.pop("format", None) != PLAN_FORMAT:
+        raise NeighborsError(f"{path} is not a neighbours plan; delete {path.parent} and rerun")
+    return NeighborPlan(**data)
+
+
+def neighbor_block(
+    db: Database, source: Source, encoder: Encoder, plan: NeighborPlan, b: int, bar=None
+) -> Path:
+    """The unit of work of a neighbours run: encode block ``b``'s query images, find each one's
+    ``plan.k`` neighbours after exclusion, and write ``plan.block_path(b)`` atomically.
+
+    Idempotent and independent of every other block, so any engine may run the blocks in any
+    order, in any number of processes, and rerun any of them: a block already written is left as
+    it is, and a block written twice holds the same bytes (same plan, same database). ``bar``: an
+    optional tqdm bar advanced by the images consumed. Returns the block's path."""
+    path = plan.block_path(b)
+    if path.is_file():
+        return path
+    ids = plan.block_ids(source, b)
+    ex = _Exclusion(**plan.exclusion, db_hashes=db.content_hashes)
+    query_ids, skipped, rows, scores, grey = [], [], [], [], True
+    for batch in encode_source(source, ids, encoder, plan.batch_size, skipped):
+        if len(batch.ids):
+            I, D = _neighbours(db, batch.ids, batch.hashes, batch.embeddings, plan.k, ex)
+            query_ids.append(batch.ids)
+            grey = grey and all(batch.grey)
+            rows.append(I)
+            scores.append(D)
+        if bar is not None:
+            bar.update(batch.seen)
+    k = plan.k
+    info = {"skipped": skipped, "grey": grey, "counts": [ex.n_self, ex.n_exact, ex.n_near]}
+    arrays = {
+        "query_ids": np.concatenate(query_ids or [np.zeros(0, np.int64)]).astype(np.int64),
+        "nn_rows": np.concatenate(rows or [np.zeros((0, k), np.int64)]),  # (n_b, k) int64
+        "nn_scores": np.concatenate(scores or [np.zeros((0, k), np.float32)]),  # (n_b, k) float32
+        "info": np.array(json.dumps(info, ensure_ascii=False)),  # a str array: no pickle
+    }
+    atomic_write(path, lambda tmp: _save_npz(tmp, arrays))
+    return path
+
+
+def finish_neighbors(db: Database, plan: NeighborPlan) -> Path:
+    """All blocks done: join them in order into the neighbours file, then remove the partial
+    directory. Returns the neighbours file's path."""
+    missing = plan.pending()
+    if missing:
+        raise NeighborsError(
+            f"{len(missing)} of {len(plan.blocks)} neighbour blocks are not done (first: "
+            f"{plan.block_path(missing[0])}); run them before finishing"
+        )
+    blocks = [_load_block(plan.block_path(b)) for b in range(len(plan.blocks))]
+    infos = [blk["info"] for blk in blocks]
+    q = plan.queries
+    if not any(len(blk["query_ids"]) for blk in blocks):
+        raise NeighborsError(
+            f"no image of {q['spec']} split {q['split']!r} could be read; no neighbours"
+        )
+    ex = _Exclusion(**plan.exclusion, db_hashes=db.content_hashes)
+    ex.n_self, ex.n_exact, ex.n_near = (sum(i["counts"][j] for i in infos) for j in range(3))
+    skipped = [item for i in infos for item in i["skipped"]]
+    nn_rows = np.concatenate([blk["nn_rows"] for blk in blocks])  # (N, k) int64
+    k, k_p = plan.k, plan.k_p
     tensors = {
-        "query_ids": np.concatenate(query_ids).astype(np.int64),
+        "query_ids": np.concatenate([blk["query_ids"] for blk in blocks]),
         "nn_rows": nn_rows,
         "nn_ids": db.ids[nn_rows],
-        "nn_scores": np.concatenate(scores).astype(np.float32),
+        "nn_scores": np.concatenate([blk["nn_scores"] for blk in blocks]).astype(np.float32),
         **pseudo_query_distribution(nn_rows, k_p, db.count),
     }
     meta = {
@@ -148,22 +350,41 @@ def compute_neighbors(
         "db": str(db.root),
         "encoder": db.identity,
         "queries": {
-            "spec": source.spec,
-            "split": split,
-            "db_fraction": db_fraction,
+            "spec": q["spec"],
+            "split": q["split"],
+            "db_fraction": q["db_fraction"],
             "count": len(tensors["query_ids"]),
             "skipped": skipped,
             # every readable query image is grey (R = G = B): rdm train then trains a 1-channel
             # model by default (docs/training.md)
-            "grayscale": grey,
+            "grayscale": all(i["grey"] for i in infos),
         },
         "k": k,
         "k_p": k_p,
-        "exclusion": exclusion.as_meta(k * len(nn_rows)),
+        "exclusion": ex.as_meta(k * len(nn_rows)),
     }
+    path = Path(plan.out)
     save_neighbors(path, tensors, meta)
-    _report(path, exclusion, k, len(nn_rows), len(skipped), tensors["pq_counts"], db.count)
+    shutil.rmtree(plan.partial)
+    _report(path, ex, k, len(nn_rows), len(skipped), tensors["pq_counts"], db.count)
     return path
+
+
+def _save_npz(tmp: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+        np.savez(f, **arrays)
+
+
+def _load_block(path: Path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            block = {name: z[name] for name in ("query_ids", "nn_rows", "nn_scores")}
+            block["info"] = json.loads(str(z["info"]))
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise NeighborsError(
+            f"neighbour block {path} cannot be read ({exc}); delete it and rerun to recompute it"
+        ) from None
+    return block
 
 
 @dataclass
