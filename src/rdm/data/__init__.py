@@ -12,6 +12,8 @@ Specs understood by :func:`open_source`:
 
 - ``fashion-mnist`` or ``fashion-mnist:DIR``  the four IDX files (Debian's dataset-fashion-mnist)
 - ``emoji-color`` / ``emoji-mono``  emoji rendered from Noto Color Emoji / Symbola
+- ``shards/{00000..00099}.tar``       webdataset tar shards (img2dataset): a brace range, a comma
+  list of ``.tar`` files, or a folder holding only shards (:mod:`rdm.data.webdataset`)
 - any directory path                 a folder of images, recursive
 """
 
@@ -130,11 +132,15 @@ def open_source(spec: str) -> Source:
                 f"emoji size in {spec!r} must be a whole number of pixels, e.g. '{name}:64'"
             )
         return EmojiSource(style=name.removeprefix("emoji-"), size=int(arg) if arg else 64)
+    from .webdataset import WebDatasetSource, is_webdataset_spec
+
+    if is_webdataset_spec(spec):
+        return WebDatasetSource(spec)
     path = Path(spec)
     if not path.exists():
         raise SourceError(
-            f"source {spec!r} does not exist: give a folder of images, 'fashion-mnist[:DIR]', "
-            "'emoji-color' or 'emoji-mono'"
+            f"source {spec!r} does not exist: give a folder of images, webdataset shards "
+            "('shards/{00000..00099}.tar'), 'fashion-mnist[:DIR]', 'emoji-color' or 'emoji-mono'"
         )
     from .folder import FolderSource
 

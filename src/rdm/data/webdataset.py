@@ -1,0 +1,539 @@
+"""Webdataset tar shards (the img2dataset layout) as an image source, read by offset.
+
+Specs: ``shards/{00000..00099}.tar`` (brace ranges keep their zero padding, ``{a,b}`` lists and
+several groups expand as in bash), a comma list ``a.tar,b.tar``, one ``.tar`` file, or a
+directory whose top level holds ``*.tar`` shards and no images or sub-folders (img2dataset's
+output folder, with its ``.parquet`` and ``_stats.json`` files beside the shards). Every shard of
+a range must exist: a missing one is a :class:`SourceError` naming the first and the count.
+Shards are uncompressed tars (``.tar.gz`` cannot be read by offset).
+
+Samples are the tar members grouped by key, as webdataset does: the member name up to the first
+dot of its basename (``000010023.jpg``, ``000010023.txt``, ``000010023.json`` are one sample,
+key ``000010023``). The image is the first present of :data:`IMAGE_EXTENSIONS`; the caption is
+the first non-empty of the ``.txt`` member (stripped), the ``.json`` member's ``"caption"``, the
+``caption`` column of the per-shard ``NNNNN.parquet`` beside ``NNNNN.tar`` (img2dataset's, looked
+up by its ``key`` column), else ``""``. A sample's key is ``"<shard stem>/<member key>"``, so the
+sha1(key) split rule (:func:`rdm.data.key_fraction`) sends it to the same split whichever other
+shards are listed. Hidden members (``._x.jpg``) and names without an extension are ignored.
+
+Ids (stable, sparse, ascending in the canonical order)::
+
+    id = shard_number * STRIDE + position of the sample in its tar (first member of its key)
+
+``shard_number`` is the shard's file name read as a number when every shard's stem is decimal
+(img2dataset names them ``00000.tar`` ...), so an id never depends on which other shards are
+listed; otherwise it is the shard's position in the sorted list of shards (ids then stay put
+when shards are added after the last one). ``STRIDE`` is fixed (10^6), never derived from the
+data, so adding a larger shard cannot move existing ids; a shard with more samples is refused.
+An unreadable member keeps its id (it fails in :meth:`WebDatasetSource.load` with
+:class:`BadImage`, naming the shard and the member, and ``rdm db build`` records it in
+``skipped.jsonl``); a tar cut short loses only the samples whose headers are gone. The rule is
+recorded in manifests through :meth:`WebDatasetSource.split_rule`. As for every source, ids are
+not rows: a database's ``row`` numbers are dense and its ``id`` column keeps these ids.
+
+Opening reads tar headers only (``tarfile`` seeks over the data of an uncompressed tar) into one
+small numpy record per sample (:data:`_RECORD`: key, offsets and sizes, ~60 bytes; no TarInfo
+objects), cached on disk per shard (``$RDM_CACHE/webdataset`` or ``~/.cache/rdm/webdataset``,
+keyed by the shard's path, size, mtime and inode) and memory-mapped, so reopening 20M samples
+costs a few file opens. Loading an item reads its member alone with ``os.pread`` on a file
+descriptor kept per process (reopened lazily after a fork: DataLoader and Ray workers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import re
+import sys
+import tarfile
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from rdm.data import BadImage, Source, SourceError, check_split, key_fraction
+from rdm.data.images import MAX_PIXELS, decode_image_bytes
+from rdm.errors import RdmError
+
+#: image members, in order of preference when a sample has several
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+#: ids left for the samples of one shard (img2dataset writes 10^4 per shard by default)
+STRIDE = 1_000_000
+#: open shard file descriptors kept per process (random access over thousands of shards)
+MAX_OPEN_SHARDS = 32
+#: the on-disk index layout; part of the cache file's key, so a new layout never reads an old one
+CACHE_FORMAT = "rdm-wds-index/1"
+_CACHE_ENV = "RDM_CACHE"
+_DEFAULT_CACHE = object()  # sentinel: the default cache directory
+
+# One record per sample; offsets/sizes of -1 mean "no such member". ``image`` is 1 + the index in
+# IMAGE_EXTENSIONS, 0 for a sample without an image. The key field's width is set per shard.
+_RECORD = [
+    ("image", "u1"),
+    ("image_offset", "<i8"),
+    ("image_size", "<i8"),
+    ("txt_offset", "<i8"),
+    ("txt_size", "<i8"),
+    ("json_offset", "<i8"),
+    ("json_size", "<i8"),
+]
+_MAX_NUMBER = (2**63 - 1) // STRIDE - 1  # largest shard number whose ids fit in int64
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
+
+
+def is_webdataset_spec(spec: str) -> bool:
+    """True for a spec this module opens: a ``.tar`` path or list, a brace range, or a
+    directory of ``.tar`` shards (see the module docstring)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _is_shard_dir(path)
+    return bool(re.search(r"\.tar(,|$)", spec) or re.search(r"\{-?\d+\.\.-?\d+\}", spec))
+
+
+class WebDatasetSource(Source):
+    """The samples of local webdataset tar shards (module docstring: specs, ids, captions)."""
+
+    def __init__(
+        self, spec: str, max_pixels: int = MAX_PIXELS, cache_dir: object = _DEFAULT_CACHE
+    ) -> None:
+        self.max_pixels = max_pixels
+        self.spec, shards = _resolve(spec)
+        self.cache_dir = _default_cache_dir() if cache_dir is _DEFAULT_CACHE else cache_dir
+        self.shards, self._numbers, self.id_rule = _number_shards(shards)
+        self.stems = [p.name[: -len(".tar")] for p in self.shards]
+        self._tables: list[np.ndarray | None] = [self._index(p) for p in self.shards]
+        self._counts = np.array([len(t) for t in self._tables], dtype=np.int64)  # (shards,)
+        self._check_stride()
+        if not self._counts.sum():
+            raise SourceError(
+                f"the webdataset shards of {self.spec!r} hold no samples: every tar is empty"
+            )
+        self._fractions: np.ndarray | None = None  # (n,) key_fraction of every key, on demand
+        self._reset_handles()
+
+    # ---- Source ---------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self._counts.sum())
+
+    def key(self, i: int) -> str:
+        s, j = self._locate(i)
+        return f"{self.stems[s]}/{self._member_key(s, j)}"
+
+    def caption(self, i: int) -> str:
+        s, j = self._locate(i)
+        rec = self._table(s)[j]
+        for kind in ("txt", "json"):
+            size = int(rec[f"{kind}_size"])
+            if size < 0:
+                continue
+            data = self._read(s, int(rec[f"{kind}_offset"]), size, missing_ok=True)
+            text = _caption_from(kind, data) if data is not None and len(data) == size else ""
+            if text:
+                return text
+        return self._parquet_captions(s).get(self._member_key(s, j), "")
+
+    def load(self, i: int) -> Image.Image:
+        s, j = self._locate(i)
+        rec = self._table(s)[j]
+        key, where = self._member_key(s, j), self.shards[s]
+        if rec["image"] == 0:
+            raise BadImage(
+                f"no image member ({'/'.join(IMAGE_EXTENSIONS)}) for key {key} in {where}"
+            )
+        member = f"{key}.{IMAGE_EXTENSIONS[int(rec['image']) - 1]}"
+        size = int(rec["image_size"])
+        data = self._read(s, int(rec["image_offset"]), size)
+        if len(data) < size:
+            raise BadImage(
+                f"truncated: member {member} of {where} has {len(data)} of {size} bytes "
+                "(the tar is cut short)"
+            )
+        try:
+            return decode_image_bytes(data, self.max_pixels)
+        except BadImage as exc:
+            raise BadImage(f"{exc} (member {member} of {where})") from None
+
+    def split_ids(self, split: str, db_fraction: float = 0.5) -> np.ndarray:
+        """As :meth:`Source.split_ids` (sha1 of each key against ``db_fraction``), over the
+        sparse ids of this source."""
+        check_split(split)
+        ids = self.ids()
+        if split == "all":
+            return ids
+        if split == "test":
+            return ids[:0]
+        in_db = self._key_fractions() < db_fraction
+        return ids[in_db] if split == "db" else ids[~in_db]
+
+    def split_rule(self, db_fraction: float = 0.5) -> str:
+        return f"{super().split_rule(db_fraction)}; ids: {self.id_rule}"
+
+    # ---- ids ------------------------------------------------------------------------------------
+
+    def ids(self) -> np.ndarray:
+        """Every id, ascending (int64, (n,)): shard by shard, samples in tar order."""
+        parts = [
+            n * STRIDE + np.arange(c) for n, c in zip(self._numbers, self._counts, strict=True)
+        ]
+        return np.concatenate(parts).astype(np.int64)
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        """(shard index, sample position in it) of id ``i``."""
+        number, j = divmod(int(i), STRIDE)
+        s = int(np.searchsorted(self._numbers, number))
+        if i < 0 or s == len(self._numbers) or self._numbers[s] != number or j >= self._counts[s]:
+            raise SourceError(f"{i} is not an id of {self.spec!r} ({self.id_rule})")
+        return s, j
+
+    def _check_stride(self) -> None:
+        big = int(np.argmax(self._counts))
+        if self._counts[big] > STRIDE:
+            raise SourceError(
+                f"shard {self.shards[big]} holds {self._counts[big]} samples, more than the "
+                f"{STRIDE} ids a shard has room for; write smaller shards (img2dataset "
+                "--number_sample_per_shard)"
+            )
+
+    def _key_fractions(self) -> np.ndarray:
+        if self._fractions is None:
+            self._fractions = np.array(
+                [
+                    key_fraction(f"{stem}/{k.decode('utf-8', 'replace')}")
+                    for s, stem in enumerate(self.stems)
+                    for k in self._table(s)["key"].tolist()
+                ],
+                dtype=np.float64,
+            )
+        return self._fractions
+
+    # ---- the per-shard index ------------------------------------------------------------------
+
+    def _table(self, s: int) -> np.ndarray:
+        """The sample records of shard ``s`` (reloaded from the cache after unpickling)."""
+        table = self._tables[s]
+        if table is None:
+            table = self._tables[s] = self._index(self.shards[s])
+            if len(table) != self._counts[s]:
+                raise SourceError(
+                    f"shard {self.shards[s]} changed since {self.spec!r} was opened "
+                    f"({self._counts[s]} samples then, {len(table)} now): open the source again"
+                )
+        return table
+
+    def _member_key(self, s: int, j: int) -> str:
+        return self._table(s)["key"][j].decode("utf-8", "replace")
+
+    def _index(self, path: Path) -> np.ndarray:
+        """The shard's records: from the cache (memory-mapped) or by reading its headers."""
+        cache = self._cache_path(path)
+        if cache is not None and cache.is_file():
+            try:
+                return _load_table(cache)
+            except (OSError, ValueError):
+                pass  # a damaged cache entry is rebuilt below
+        table = index_shard(path)
+        if cache is None:
+            return table
+        from rdm.io import save_npy
+
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            save_npy(cache, table)
+        except (OSError, RdmError) as exc:
+            _note_once(
+                f"cannot cache webdataset shard indexes in {cache.parent} ({exc}): "
+                "shards are re-indexed on every open; set $RDM_CACHE to a writable folder"
+            )
+            return table
+        return _load_table(cache)
+
+    def _cache_path(self, path: Path) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        st = path.stat()
+        stamp = json.dumps([CACHE_FORMAT, str(path), st.st_size, st.st_mtime_ns, st.st_ino])
+        return (
+            Path(self.cache_dir)
+            / f"{path.stem}-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}.npy"
+        )
+
+    def _parquet_captions(self, s: int) -> dict[str, str]:
+        """``key -> caption`` of the img2dataset parquet beside shard ``s`` (a few kept)."""
+        if s in self._parquet:
+            self._parquet.move_to_end(s)
+            return self._parquet[s]
+        captions = _read_parquet_captions(self.shards[s].with_suffix(".parquet"))
+        self._parquet[s] = captions
+        if len(self._parquet) > 4:
+            self._parquet.popitem(last=False)
+        return captions
+
+    # ---- reading members (one descriptor per shard and process) -------------------------------
+
+    def _read(self, s: int, offset: int, size: int, missing_ok: bool = False) -> bytes | None:
+        try:
+            return os.pread(self._fd(s), size, offset)
+        except OSError as exc:
+            if missing_ok:
+                return None
+            raise BadImage(f"unreadable: {exc.strerror or exc} ({self.shards[s]})") from None
+
+    def _fd(self, s: int) -> int:
+        if self._pid != os.getpid():  # a forked worker: the parent's descriptors share offsets
+            self._reset_handles()
+        fds = self._fds
+        if s in fds:
+            fds.move_to_end(s)
+            return fds[s]
+        fds[s] = os.open(self.shards[s], os.O_RDONLY)
+        if len(fds) > MAX_OPEN_SHARDS:
+            os.close(fds.popitem(last=False)[1])
+        return fds[s]
+
+    def _reset_handles(self) -> None:
+        self._pid = os.getpid()
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._parquet: OrderedDict[int, dict[str, str]] = OrderedDict()
+
+    def close(self) -> None:
+        """Close this process's shard descriptors (they reopen on the next read)."""
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._reset_handles()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fds", None) is not None:
+            self.close()
+
+    def __getstate__(self) -> dict:
+        # Workers get the shard list and counts, not descriptors; memory-mapped tables are
+        # re-mapped from the cache there instead of being copied through the pickle.
+        state = dict(self.__dict__)
+        state.update(_fds=None, _parquet=None, _pid=None)
+        state["_tables"] = [None if isinstance(t, np.memmap) else t for t in self._tables]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset_handles()
+
+
+# ---- reading a shard's headers ------------------------------------------------------------------
+
+
+def index_shard(path: str | Path) -> np.ndarray:
+    """One record (:data:`_RECORD` + ``key``) per sample of the tar at ``path``, in tar order,
+    from its headers alone. A tar that cannot be opened is a :class:`SourceError`; one cut short
+    keeps the samples whose headers were read (a cut member fails when loaded)."""
+    path = Path(path)
+    samples: dict[str, list[int]] = {}  # key -> [image, img off, img size, txt ..., json ...]
+    try:
+        tar = tarfile.open(path, mode="r:")
+    except (tarfile.TarError, OSError) as exc:
+        raise SourceError(
+            f"cannot open webdataset shard {path} as an uncompressed tar ({exc}); re-download "
+            "or recreate it, or leave it out of the spec (compressed .tar.gz shards are not "
+            "supported: decompress them)"
+        ) from None
+    with tar:
+        while True:
+            try:
+                info = tar.next()  # reads one header, seeks over the member's data
+            except tarfile.TarError:
+                break  # a later header is damaged: keep the samples before it
+            if info is None:
+                break
+            _add_member(samples, info)
+            tar.members.clear()  # tarfile keeps every TarInfo otherwise: O(members) memory
+    return _records(samples)
+
+
+def _add_member(samples: dict[str, list[int]], info: tarfile.TarInfo) -> None:
+    if not info.isfile():
+        return
+    base = posixpath.basename(info.name)
+    dot = base.find(".")
+    if base.startswith(".") or dot <= 0:
+        return  # hidden files (._x.jpg) and names without an extension are not sample parts
+    key = info.name[: len(info.name) - len(base) + dot]
+    ext = base[dot + 1 :].lower()
+    rec = samples.setdefault(key, [0, -1, -1, -1, -1, -1, -1])
+    where = (info.offset_data, info.size)
+    if ext in IMAGE_EXTENSIONS:
+        code = IMAGE_EXTENSIONS.index(ext) + 1
+        if rec[0] == 0 or code < rec[0]:
+            rec[0:3] = [code, *where]
+    elif ext == "txt" and rec[3] < 0:
+        rec[3:5] = where
+    elif ext == "json" and rec[5] < 0:
+        rec[5:7] = where
+
+
+def _records(samples: dict[str, list[int]]) -> np.ndarray:
+    keys = [k.encode("utf-8", "surrogateescape") for k in samples]
+    width = max((len(k) for k in keys), default=1)
+    table = np.zeros(len(keys), dtype=[("key", f"S{width}"), *_RECORD])
+    if keys:
+        table["key"] = keys
+        values = np.array(list(samples.values()), dtype=np.int64)  # (n, 7)
+        for c, (name, _) in enumerate(_RECORD):
+            table[name] = values[:, c]
+    return table
+
+
+def _load_table(path: Path) -> np.ndarray:
+    table = np.load(path, mmap_mode="r", allow_pickle=False)
+    if table.dtype.names is None or not {n for n, _ in _RECORD} <= set(table.dtype.names):
+        raise ValueError(f"{path} is not a shard index")
+    return table
+
+
+# ---- captions -----------------------------------------------------------------------------------
+
+
+def _caption_from(kind: str, data: bytes) -> str:
+    text = data.decode("utf-8", "replace")
+    if kind == "txt":
+        return text.strip()
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return ""  # a damaged .json falls back like a missing one
+    caption = obj.get("caption") if isinstance(obj, dict) else None
+    return caption.strip() if isinstance(caption, str) else ""
+
+
+def _read_parquet_captions(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+        if not {"key", "caption"} <= set(names):
+            return {}  # img2dataset without a caption column
+        table = pq.read_table(path, columns=["key", "caption"])
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise SourceError(
+            f"caption file {path} cannot be read ({exc}); repair or delete it"
+        ) from None
+    keys, captions = table.column("key").to_pylist(), table.column("caption").to_pylist()
+    return {str(k): (c or "").strip() for k, c in zip(keys, captions, strict=True) if k is not None}
+
+
+# ---- specs --------------------------------------------------------------------------------------
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Bash-style brace expansion: ``{00..03}`` (zero padding kept), ``{a,b}``, several groups."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end() :]
+    rng = _RANGE.fullmatch(body)
+    if rng:
+        a, b = rng.groups()
+        padded = any(len(x.lstrip("-")) > 1 and x.lstrip("-").startswith("0") for x in (a, b))
+        width = max(len(a), len(b)) if padded else 0
+        lo, hi = int(a), int(b)
+        step = 1 if hi >= lo else -1
+        options = [f"{n:0{width}d}" for n in range(lo, hi + step, step)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        return [head + "{" + body + "}" + t for t in expand_braces(tail)]  # literal braces
+    return [head + o + t for o in options for t in expand_braces(tail)]
+
+
+def _split_list(spec: str) -> list[str]:
+    """Split a comma list at the commas outside braces."""
+    parts, depth, start = [], 0, 0
+    for n, ch in enumerate(spec):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(spec[start:n])
+            start = n + 1
+    parts.append(spec[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _resolve(spec: str) -> tuple[str, list[Path]]:
+    """(canonical spec, the shard paths) of ``spec``; every shard must be an existing .tar."""
+    given = Path(spec).expanduser()
+    if given.is_dir():
+        root = given.resolve()
+        return str(root), sorted(p for p in root.glob("*.tar") if not p.name.startswith("."))
+    patterns = [os.path.abspath(os.path.expanduser(p)) for p in _split_list(spec)]
+    paths = [p for pattern in patterns for p in expand_braces(pattern)]
+    not_tar = [p for p in paths if not p.endswith(".tar")]
+    if not paths or not_tar:
+        raise SourceError(
+            f"{spec!r}: webdataset shards must be uncompressed .tar files "
+            f"({not_tar[0] if not_tar else 'no path'}); e.g. 'shards/{{00000..00099}}.tar'"
+        )
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise SourceError(
+            f"{len(missing)} of the {len(paths)} shards of {spec!r} are missing, the first "
+            f"{missing[0]}: fix the range or the folder"
+        )
+    return ",".join(patterns), [Path(p) for p in paths]
+
+
+def _number_shards(shards: list[Path]) -> tuple[list[Path], np.ndarray, str]:
+    """The shards in canonical order, their shard numbers (ascending) and the id rule."""
+    stems = [p.name[: -len(".tar")] for p in shards]
+    seen: dict[str, Path] = {}
+    for stem, path in zip(stems, shards, strict=True):
+        if stem in seen:
+            raise SourceError(
+                f"shards {seen[stem]} and {path} have the same name {stem}.tar: sample keys "
+                "('<shard>/<key>') would collide; list each shard once, with distinct names"
+            )
+        seen[stem] = path
+    numeric = [int(s) for s in stems if s.isdecimal()]
+    if (
+        len(numeric) == len(stems)
+        and len(set(numeric)) == len(stems)
+        and max(numeric) <= _MAX_NUMBER
+    ):
+        order = np.argsort(numeric, kind="stable")
+        rule = f"shard number (its name, 00042.tar -> 42) x {STRIDE} + sample position in its tar"
+        return [shards[o] for o in order], np.sort(np.array(numeric, np.int64)), rule
+    shards = sorted(shards, key=str)
+    rule = (
+        f"position of the shard in the sorted shard paths x {STRIDE} + sample position in its tar"
+    )
+    return shards, np.arange(len(shards), dtype=np.int64), rule
+
+
+def _is_shard_dir(path: Path) -> bool:
+    from rdm.data.folder import IMAGE_EXTENSIONS as FOLDER_IMAGES
+
+    try:
+        entries = [e for e in os.scandir(path) if not e.name.startswith(".")]
+    except OSError:
+        return False
+    has_tar = any(e.is_file() and e.name.endswith(".tar") for e in entries)
+    blocked = any(e.is_dir() or e.name.lower().endswith(FOLDER_IMAGES) for e in entries)
+    return has_tar and not blocked
+
+
+def _default_cache_dir() -> Path:
+    root = os.environ.get(_CACHE_ENV)
+    return (Path(root) if root else Path.home() / ".cache" / "rdm") / "webdataset"
+
+
+_noted: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+    if message not in _noted:
+        _noted.add(message)
+        print(f"note: {message}", file=sys.stderr)
