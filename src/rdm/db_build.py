@@ -15,9 +15,11 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,12 +64,17 @@ def build_database(
     memory_budget: float = DEFAULT_MEMORY_BUDGET,
     db_fraction: float = 0.5,
     progress: bool = True,
+    run_shards: Callable[[Path, dict[int, np.ndarray], Source, int, Any], None] | None = None,
 ) -> Path:
     """Embed ``source``'s ``split`` with ``encoder`` into the database directory ``out_dir``.
 
     Resumes a partial build made with the same source, split, fraction, encoder and shard size;
     refuses one made with other options, and refuses a directory holding anything else. Returns
-    ``out_dir``; when it already holds this very database, says so and returns it unchanged."""
+    ``out_dir``; when it already holds this very database, says so and returns it unchanged.
+
+    ``run_shards(out, pending, source, batch_size, bar)``: an engine (:mod:`rdm.engines`) that
+    runs :func:`build_shard` for each ``{shard number: ids}`` of ``pending`` elsewhere (e.g. on
+    a Ray cluster) and advances the tqdm ``bar``; None runs them here, one after another."""
     out = Path(out_dir)
     if batch_size < 1 or shard_size < 1:
         raise DatabaseError(
@@ -80,11 +87,14 @@ def build_database(
     _start_or_resume(out, plan)
 
     shards = [ids[i : i + shard_size] for i in range(0, len(ids), shard_size)]
-    done = [s for s in range(len(shards)) if _shard_record_path(out, s).is_file()]
-    with _progress_bar(len(ids), sum(len(shards[s]) for s in done), progress) as bar:
-        for s, shard_ids in enumerate(shards):
-            if s not in done:
-                _build_shard(out, s, shard_ids, source, encoder, batch_size, bar)
+    done = {s for s in range(len(shards)) if _shard_record_path(out, s).is_file()}
+    pending = {s: shard_ids for s, shard_ids in enumerate(shards) if s not in done}
+    with _progress_bar(len(ids), len(ids) - sum(map(len, pending.values())), progress) as bar:
+        if run_shards is None:
+            for s, shard_ids in pending.items():
+                build_shard(out, s, shard_ids, source, encoder, batch_size, bar)
+        else:
+            run_shards(out, pending, source, batch_size, bar)
 
     _finish(out, plan, source, split, db_fraction, len(shards), memory_budget, progress)
     return out
@@ -193,10 +203,21 @@ def _start_or_resume(out: Path, plan: _Plan) -> None:
 # ---- shards -------------------------------------------------------------------------------------
 
 
-def _build_shard(
-    out: Path, s: int, shard_ids: np.ndarray, source: Source, encoder: Encoder, batch_size: int, bar
+def build_shard(
+    out: Path,
+    s: int,
+    shard_ids: np.ndarray,
+    source: Source,
+    encoder: Encoder,
+    batch_size: int,
+    bar=None,
 ) -> None:
-    """Embed one shard's ids; write ``_build/shard-s.npy`` then its record ``shard-s.json``."""
+    """The unit of work of a build: embed shard ``s``'s ids; write ``_build/shard-s.npy`` then
+    its record ``shard-s.json`` (which marks it done). A shard already recorded is left as it is,
+    and one written twice holds the same rows, so any engine may run shards in any order, in any
+    process, and rerun them. ``bar``: an optional tqdm bar advanced by the ids consumed."""
+    if _shard_record_path(out, s).is_file():
+        return
     rows: list[dict] = []  # {id, key, caption, content_hash} of embedded items, in id order
     skipped: list[dict] = []  # {id, key, reason}
     chunks: list[np.ndarray] = []
@@ -206,7 +227,8 @@ def _build_shard(
                 {"id": i, "key": source.key(i), "caption": source.caption(i), "content_hash": h}
             )
         chunks.append(batch.embeddings)
-        bar.update(batch.seen)
+        if bar is not None:
+            bar.update(batch.seen)
     emb = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), np.float32)
     npy = save_npy(_shard_build_path(out, s), _unit_float16(emb))  # (rows, d) float16
     record = {"shard": s, "rows": rows, "skipped": skipped, "sha256": sha256_file(npy)}
