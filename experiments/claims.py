@@ -1,0 +1,285 @@
+"""Shared steps of the paper-claim experiments (experiments/*.py): train an arm or resume it,
+evaluate it with ``rdm eval`` or reuse the report, and write a markdown table and a plot.
+
+Every experiment is one command, ``python experiments/NAME.py``, that can be killed and rerun:
+a run already trained to its steps is not trained again, an ``rdm eval`` report whose command
+matches is not recomputed. It writes ``results/claims/NAME.md`` (the table, each figure beside
+its real-vs-real floor and its extractor, the commands, seed, wall times, machine, and what the
+table shows) and ``results/claims/NAME.png``.
+
+Every arm uses the recipe chosen in docs/training.md (issue 7): the 1.86M demo UNet (small
+preset, channels 32,64,64), v-prediction on one grey channel, lr 5e-4, EMA 0.999, fp32, batch
+64, seed 0, on Fashion-MNIST 32 px with X = the train split and D = the db split (the two halves
+of the training file, disjoint by construction; runs/fm-db). Samples: DPM-Solver++ 20 steps,
+η = 1, guidance 2, no clipping, the shipped sampler. Figures: the shipped domain classifier's
+features, N test-image queries (N = 250 unless ``N`` is set in the environment).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.chdir(ROOT)  # every path below and in the recorded commands is relative to the repository
+RUNS = Path(os.environ.get("RDM_CLAIMS_RUNS", "runs/claims"))
+RESULTS = Path("results/claims")
+DB = Path(os.environ.get("RDM_CLAIMS_DB", "runs/fm-db"))
+N = int(os.environ.get("N", "250"))
+SEED = 0
+
+RECIPE = [
+    "--data", "fashion-mnist", "--preset", "small", "--channels", "32,64,64",
+    "--image-channels", "1", "--prediction", "v_prediction", "--lr", "5e-4",
+    "--ema-decay", "0.999", "--mixed-precision", "no", "--batch-size", "64",
+    "--seed", str(SEED), "--checkpoint-every", "100", "--sample-every", "0", "--threads", "1",
+    "--no-clip-sample",
+]  # fmt: skip
+SAMPLER = [
+    "--sampler", "dpm++", "--steps", "20", "--eta", "1", "--guidance", "2", "--no-clip-sample",
+]  # fmt: skip
+
+
+def rdm(*args: str, log: Path | None = None) -> float:
+    """Run ``rdm ARGS`` (one torch thread), its output to ``log``; returns its wall seconds."""
+    exe = shutil.which("rdm") or str(Path(sys.executable).with_name("rdm"))
+    cmd = [exe, *args]
+    print("$ rdm " + shlex.join(args), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t = time.perf_counter()
+    if log is None:
+        subprocess.run(cmd, check=True, env=env)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
+            subprocess.run(cmd, check=True, env=env, stdout=f, stderr=subprocess.STDOUT)
+    return time.perf_counter() - t
+
+
+def ensure_db(db: Path = DB, fraction: float = 0.5, source: str = "fashion-mnist") -> Path:
+    """A database of ``source``'s db split (the items whose sha1(key) fraction < ``fraction``)
+    and the neighbours of its train split (the rest of the training file) in it."""
+    if not (db / "manifest.json").is_file():
+        rdm("db", "build", source, "--split", "db", "--db-fraction", f"{fraction:g}",
+            "--encoder", "default", "--out", str(db))  # fmt: skip
+    if not (db / "neighbors-train.safetensors").is_file():
+        rdm("db", "neighbors", str(db), "--queries", source, "--split", "train", "-k", "20")
+    return db
+
+
+def trained_steps(run: Path) -> int:
+    """The last step a run logged (0 when it has not started)."""
+    loss = run / "loss.csv"
+    if not loss.is_file():
+        return 0
+    rows = [r for r in loss.read_text().splitlines()[1:] if r.strip()]
+    return int(rows[-1].split(",")[0]) if rows else 0
+
+
+@dataclass
+class Arm:
+    """One trained model: its run directory under RUNS and its ``rdm train`` flags."""
+
+    name: str
+    flags: list[str] = field(default_factory=list)  # beyond RECIPE
+    steps: int = 600
+    db: Path = DB
+    continues: Arm | None = None  # a longer run starts as a copy of this shorter one
+
+    @property
+    def run(self) -> Path:
+        return RUNS / self.name
+
+    def train(self) -> None:
+        """Train to ``steps`` (resuming what exists); the wall time is added to wall.json."""
+        done = trained_steps(self.run)
+        if done >= self.steps and (self.run / "ema.safetensors").is_file():
+            return
+        if self.continues is not None and not (self.run / "config.json").is_file():
+            self.continues.train()
+            tmp = self.run.with_name(f".tmp-{self.name}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(self.continues.run, tmp, symlinks=False)
+            tmp.rename(self.run)
+            done = trained_steps(self.run)
+        resume = ["--resume"] if (self.run / "config.json").is_file() else []
+        args = [*RECIPE, "--db", str(self.db), *self.flags, "--steps", str(self.steps)]
+        seconds = rdm(
+            "train", *args, "--out", str(self.run), *resume, log=RUNS / f"{self.name}.log"
+        )
+        wall = _read_json(self.run / "wall.json") or {"train_seconds": 0.0, "chunks": []}
+        wall["train_seconds"] += seconds
+        wall["chunks"].append({"from": done, "to": self.steps, "seconds": round(seconds, 1)})
+        wall["command"] = "rdm train " + shlex.join([*args, "--out", str(self.run)])
+        (self.run / "wall.json").write_text(json.dumps(wall, indent=1) + "\n")
+
+
+@dataclass
+class Eval:
+    """One ``rdm eval`` of an arm: its report directory and its flags beyond the sampler's."""
+
+    label: str
+    arm: Arm
+    flags: list[str] = field(default_factory=list)
+    db: Path | None = None  # default: the arm's database
+    sampler: list[str] = field(default_factory=lambda: list(SAMPLER))
+    n: int = N
+
+    @property
+    def out(self) -> Path:
+        return RUNS / "eval" / self.slug
+
+    @property
+    def slug(self) -> str:
+        return "".join(c if c.isalnum() or c in "-_." else "-" for c in self.label)
+
+    @property
+    def args(self) -> list[str]:
+        db = str(self.db or self.arm.db)
+        common = ["--n", str(self.n), "--features", "classifier", "--seed", str(SEED)]
+        return [
+            str(self.arm.run),
+            "--db",
+            db,
+            *common,
+            "--threads",
+            "1",
+            *self.sampler,
+            *self.flags,
+        ]
+
+    def run(self) -> dict:
+        """The report (eval.json), computed unless one with the same command exists."""
+        report = self.out / "eval.json"
+        want = "rdm eval " + shlex.join([*self.args, "--out", str(self.out)])
+        old = _read_json(report)
+        if old is None or old.get("command") != want:
+            rdm("eval", *self.args, "--out", str(self.out), log=RUNS / "eval" / f"{self.slug}.log")
+        r = _read_json(report)
+        if r is None:
+            raise SystemExit(f"rdm eval wrote no report into {self.out}")
+        return r
+
+
+def row(label: str, r: dict, *extra: str) -> list[str]:
+    """A table row: FD (floor, ratio), KID ± sd, P, R, density, coverage, faithfulness,
+    brightness (real), sampling seconds per sample."""
+    m, fl = r["metrics"]["model"], r["metrics"]["floor"]
+    fa = (r.get("faithfulness") or {}).get("share")
+    c = r["colour"]
+    per = r["timings"]["sampling_s"] / r["n"]
+    return [
+        label,
+        *extra,
+        f"{m['fd']:.1f} ({fl['fd']:.1f}, {m['fd'] / fl['fd']:.1f}x)",
+        f"{m['kid']:.3g} ± {m['kid_std']:.2g}",
+        f"{m['precision']:.2f}",
+        f"{m['recall']:.2f}",
+        f"{m['density']:.2f}",
+        f"{m['coverage']:.2f}",
+        "–" if fa is None else f"{fa:.2f}",
+        f"{c['samples']['brightness']:.3f} ({c['real']['brightness']:.3f})",
+        f"{per:.2f}",
+    ]
+
+
+METRIC_HEADER = [
+    "FD (floor, ratio)", "KID ± sd", "precision", "recall", "density", "coverage",
+    "faithfulness", "brightness (real)", "s / sample",
+]  # fmt: skip
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)]) + "\n"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, no GPU, Python {platform.python_version()}"
+
+
+def write(
+    name: str, title: str, body: str, arms: list[Arm], evals: list[Eval], started: float
+) -> Path:
+    """results/claims/NAME.md: the body, then how to reproduce it and where the time went."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", "", body.rstrip(), "", "## Reproduce", ""]
+    lines += ["```", f"python experiments/{name}.py    # N={N}, seed {SEED}", "```", ""]
+    lines += [f"Machine: {machine()}. Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+              f"this invocation ran {time.time() - started:.0f} s (reused runs and reports cost nothing)."]  # fmt: skip
+    lines += ["", "Runs (training wall time, one torch thread, the other core busy):", ""]
+    for a in arms:
+        w = _read_json(a.run / "wall.json") or {}
+        t = w.get("train_seconds")
+        lines.append(f"- `{a.run}`: "
+                     f"{trained_steps(a.run)} steps, {'%.0f min' % (t / 60) if t else 'time not recorded'}"
+                     f"{'; ' + w['note'] if w.get('note') else ''}; `{w.get('command', 'rdm train ' + shlex.join([*RECIPE, '--db', str(a.db), *a.flags]))}`")  # fmt: skip
+    lines += [
+        "",
+        "Evaluations (`rdm eval`, classifier features, floor = train vs test at the same N):",
+        "",
+    ]
+    for e in evals:
+        r = _read_json(e.out / "eval.json") or {}
+        lines.append(
+            f"- {e.label}: `{r.get('command', '')}` ({r.get('timings', {}).get('total_s', float('nan')):.0f} s)"
+        )
+    path = RESULTS / f"{name}.md"
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def bar_plot(name: str, labels: list[str], reports: list[dict], title: str) -> Path:
+    """FD (with each arm's floor) and recall / precision per arm, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fd = [r["metrics"]["model"]["fd"] for r in reports]
+    floor = [r["metrics"]["floor"]["fd"] for r in reports]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+    x = range(len(labels))
+    a.bar(x, fd, color="#4477aa", label="model")
+    a.scatter(x, floor, color="k", marker="_", s=400, label="real-vs-real floor", zorder=3)
+    a.set_xticks(list(x), labels, rotation=20, ha="right", fontsize=8)
+    a.set_ylabel("FD (classifier features)")
+    a.legend(fontsize=8)
+    for key, colour in (("precision", "#66ccee"), ("recall", "#ee6677")):
+        b.plot(
+            list(x), [r["metrics"]["model"][key] for r in reports], "o-", color=colour, label=key
+        )
+    b.set_xticks(list(x), labels, rotation=20, ha="right", fontsize=8)
+    b.set_ylim(0, 1)
+    b.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = RESULTS / f"{name}.png"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None

@@ -1,0 +1,10 @@
+"""The arms several claims share: the chosen recipe with retrieval (k = 4) at 600 and 1600
+steps, the 1600-step run being the shipped demo model's (src/rdm/assets/demo-fashion holds its
+EMA weights)."""
+
+from __future__ import annotations
+
+from claims import Arm
+
+RDM_600 = Arm("rdm-k4-600", steps=600)
+RDM_1600 = Arm("rdm-k4-1600", steps=1600, continues=RDM_600)
