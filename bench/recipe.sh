@@ -23,6 +23,10 @@ declare -A ARMS=(
   [R2-v-grey-5e-4-ztsnr]="--image-channels 1 --prediction v_prediction --lr 5e-4 --zero-snr"
   [R3-v-grey-5e-4-minsnr5]="--image-channels 1 --prediction v_prediction --lr 5e-4 --snr-gamma 5"
   [R4-eps-grey-5e-4]="--image-channels 1 --prediction epsilon --lr 5e-4"
+  # R1 with a cosine learning rate, and four further EMAs of the same trajectory (--weights NAME)
+  [R5-v-grey-5e-4-cosine]="--image-channels 1 --prediction v_prediction --lr 5e-4 --lr-schedule cosine --ema-extra power:0.6667 --ema-extra power:0.75 --ema-extra halflife:4000 --ema-extra halflife:16000"
+  # R1 at batch 32 for twice the steps: the same images seen, about the same wall time
+  [R6-v-grey-5e-4-b32]="--image-channels 1 --prediction v_prediction --lr 5e-4 --batch-size 32"
 )
 case "${1:-}" in
   db)
@@ -30,6 +34,7 @@ case "${1:-}" in
     rdm db neighbors "$DB" --queries fashion-mnist --split train -k 20 ;;
   train)
     arm=$2; steps=${3:-600}; out=runs/recipe/$arm
+    [[ $arm == R6-* ]] && steps=${3:-1200}
     resume=(); [[ -f $out/config.json ]] && resume=(--resume)
     # shellcheck disable=SC2086
     rdm train "${COMMON[@]}" ${ARMS[$arm]} --steps "$steps" --out "$out" "${resume[@]}" ;;
