@@ -260,6 +260,7 @@ def test_db_build_on_shards_equals_a_folder_of_the_same_files(shards, tmp_path):
 
     from rdm.cli import main
     from rdm.database import Database
+    from rdm.neighbors import load_neighbors
 
     enc = tiny_encoder_dir(tmp_path / "enc", seed=0)
     dbs = {}
@@ -285,3 +286,43 @@ def test_db_build_on_shards_equals_a_folder_of_the_same_files(shards, tmp_path):
     ]
     assert "000010002.jpg" in skipped[0]["reason"] and "no image" in skipped[1]["reason"]
     assert wdb.manifest["source"]["spec"] == spec_of(shards)
+    # rdm db neighbors --queries SHARDS: sparse query ids, the query itself left out by id
+    nb_path = tmp_path / "nb.safetensors"
+    args = ["db", "neighbors", str(tmp_path / "wds"), "--queries", spec_of(shards), "-k", "3"]
+    assert (
+        main([*args, "--split", "train", "--k-p", "2", "--out", str(nb_path), "--no-progress"]) == 0
+    )
+    nb = load_neighbors(nb_path)
+    train = [i for i in src.split_ids("train") if i not in (1_000_002, 1_000_005)]
+    np.testing.assert_array_equal(nb.query_ids, train)
+    assert not np.any(nb.nn_ids == nb.query_ids[:, None])
+    np.testing.assert_array_equal(nb.nn_ids, np.asarray(wdb.ids)[nb.nn_rows])
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_header_reader_agrees_with_tarfile(tmp_path, fmt):
+    """The fast pread header walker against the standard library on each tar dialect: long
+    names (GNU 'L' records, pax 'path', the ustar prefix), non-ASCII names, a big-size member,
+    folders and symlinks (left out)."""
+    path = tmp_path / "x.tar"
+    deep = "d" * 60 + "/" + "e" * 60  # > 100 characters: ustar prefix, GNU 'L' or pax 'path'
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, size in ((f"{deep}/000.jpg", 700), ("000.txt", 0), ("a/b.png", 512)):
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tar.addfile(info, io.BytesIO(bytes(size)))
+        if fmt != tarfile.USTAR_FORMAT:
+            info = tarfile.TarInfo("ü" * 70 + "/" + "x" * 90 + ".webp")  # pax / GNU only
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+        folder = tarfile.TarInfo("a")
+        folder.type = tarfile.DIRTYPE
+        link = tarfile.TarInfo("link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "a/b.png"
+        tar.addfile(folder)
+        tar.addfile(link)
+    walked = list(wds._read_headers(path))
+    assert walked == wds._read_headers_with_tarfile(path)
+    assert [n for n, _, _ in walked][:3] == [f"{deep}/000.jpg", "000.txt", "a/b.png"]
+    data = path.read_bytes()
+    assert [data[o : o + s] for _, o, s in walked][:3] == [bytes(700), b"", bytes(512)]

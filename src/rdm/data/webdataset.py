@@ -41,6 +41,7 @@ descriptor kept per process (reopened lazily after a fork: DataLoader and Ray wo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -284,7 +285,9 @@ class WebDatasetSource(Source):
             raise BadImage(f"unreadable: {exc.strerror or exc} ({self.shards[s]})") from None
 
     def _fd(self, s: int) -> int:
-        if self._pid != os.getpid():  # a forked worker: the parent's descriptors share offsets
+        if self._pid != os.getpid():
+            # a forked worker (DataLoader, Ray) opens its own descriptors: closing one of them
+            # then never touches the parent's, and its LRU starts empty
             self._reset_handles()
         fds = self._fds
         if s in fds:
@@ -304,7 +307,8 @@ class WebDatasetSource(Source):
         """Close this process's shard descriptors (they reopen on the next read)."""
         if getattr(self, "_pid", None) == os.getpid():
             for fd in self._fds.values():
-                os.close(fd)
+                with contextlib.suppress(OSError):  # already closed elsewhere: nothing to free
+                    os.close(fd)
         self._reset_handles()
 
     def __del__(self) -> None:
@@ -315,7 +319,7 @@ class WebDatasetSource(Source):
         # Workers get the shard list and counts, not descriptors; memory-mapped tables are
         # re-mapped from the cache there instead of being copied through the pickle.
         state = dict(self.__dict__)
-        state.update(_fds=None, _parquet=None, _pid=None)
+        state.update(_fds=None, _parquet=None, _pid=None, _fractions=None)
         state["_tables"] = [None if isinstance(t, np.memmap) else t for t in self._tables]
         return state
 
@@ -334,6 +338,105 @@ def index_shard(path: str | Path) -> np.ndarray:
     path = Path(path)
     samples: dict[str, list[int]] = {}  # key -> [image, img off, img size, txt ..., json ...]
     try:
+        members = list(_read_headers(path))
+    except _NotPlainTar:
+        members = _read_headers_with_tarfile(path)
+    for name, offset, size in members:
+        _add_member(samples, name, offset, size)
+    return _records(samples)
+
+
+class _NotPlainTar(Exception):
+    """The first header is not one :func:`_read_headers` reads; tarfile decides."""
+
+
+_ZERO_BLOCK = bytes(512)
+_FILE_TYPES = (b"0", b"\0", b"7")  # regular (old and new flag) and contiguous files
+
+
+def _read_headers(path: Path):
+    """``(name, data offset, size)`` of the regular files of an uncompressed ustar / GNU / pax
+    tar, one ``os.pread`` of 512 bytes per header (≈20x faster than ``tarfile``, which builds a
+    TarInfo and verifies every field: at 60M members that is minutes instead of hours)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise SourceError(f"cannot open webdataset shard {path}: {exc.strerror or exc}") from None
+    try:
+        offset, long_name, pax = 0, None, {}
+        while True:
+            block = os.pread(fd, 512, offset)
+            if len(block) < 512 or block == _ZERO_BLOCK:
+                if offset == 0:
+                    raise _NotPlainTar  # empty or tiny file: tarfile words the error
+                return  # the end-of-archive marker, or a tar cut short inside a header
+            if not _checksum_ok(block):
+                if offset == 0:
+                    raise _NotPlainTar
+                return  # a damaged header: keep the members before it (as tarfile does)
+            size, kind, data = _number(block[124:136]), block[156:157], offset + 512
+            if kind in (b"L", b"x"):  # GNU long name / pax extended header for the next member
+                payload = os.pread(fd, size, data)
+                if kind == b"L":
+                    long_name = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                else:
+                    pax = _pax_records(payload)
+            elif kind not in (b"K", b"g"):  # long link names and global headers change nothing
+                size = int(pax.get("size", size))
+                name = pax.get("path") or long_name or _ustar_name(block)
+                if kind in _FILE_TYPES:
+                    yield name, data, size
+                long_name, pax = None, {}
+            offset = data + (size + 511) // 512 * 512
+    finally:
+        os.close(fd)
+
+
+def _checksum_ok(block: bytes) -> bool:
+    # the checksum field counts as eight spaces (POSIX ustar); some writers use signed bytes
+    try:
+        stored = int(block[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        return False
+    unsigned = sum(block[:148]) + 256 + sum(block[156:])
+    return stored == unsigned or stored == unsigned - 256 * sum(b >= 128 for b in block)
+
+
+def _number(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
+        value = int.from_bytes(field[1:], "big")
+        return value if field[0] == 0x80 else value - 256 ** (len(field) - 1)
+    digits = field.split(b"\0", 1)[0].strip()
+    return int(digits, 8) if digits else 0
+
+
+def _ustar_name(block: bytes) -> str:
+    name = block[:100].split(b"\0", 1)[0]
+    if block[257:262] == b"ustar":
+        prefix = block[345:500].split(b"\0", 1)[0]
+        name = prefix + b"/" + name if prefix else name
+    return name.decode("utf-8", "surrogateescape")
+
+
+def _pax_records(payload: bytes) -> dict[str, str]:
+    """``"LEN key=value\\n"`` records of a pax extended header."""
+    out, pos = {}, 0
+    while pos < len(payload):
+        space = payload.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(payload[pos:space] or b"0")
+        if length <= 0:
+            break
+        key, _, value = payload[space + 1 : pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def _read_headers_with_tarfile(path: Path) -> list[tuple[str, int, int]]:
+    """The same via ``tarfile`` for what :func:`_read_headers` does not read (and its errors)."""
+    try:
         tar = tarfile.open(path, mode="r:")
     except (tarfile.TarError, OSError) as exc:
         raise SourceError(
@@ -341,6 +444,7 @@ def index_shard(path: str | Path) -> np.ndarray:
             "or recreate it, or leave it out of the spec (compressed .tar.gz shards are not "
             "supported: decompress them)"
         ) from None
+    members = []
     with tar:
         while True:
             try:
@@ -349,22 +453,21 @@ def index_shard(path: str | Path) -> np.ndarray:
                 break  # a later header is damaged: keep the samples before it
             if info is None:
                 break
-            _add_member(samples, info)
+            if info.isfile():
+                members.append((info.name, info.offset_data, info.size))
             tar.members.clear()  # tarfile keeps every TarInfo otherwise: O(members) memory
-    return _records(samples)
+    return members
 
 
-def _add_member(samples: dict[str, list[int]], info: tarfile.TarInfo) -> None:
-    if not info.isfile():
-        return
-    base = posixpath.basename(info.name)
+def _add_member(samples: dict[str, list[int]], name: str, offset: int, size: int) -> None:
+    base = posixpath.basename(name)
     dot = base.find(".")
     if base.startswith(".") or dot <= 0:
         return  # hidden files (._x.jpg) and names without an extension are not sample parts
-    key = info.name[: len(info.name) - len(base) + dot]
+    key = name[: len(name) - len(base) + dot]
     ext = base[dot + 1 :].lower()
     rec = samples.setdefault(key, [0, -1, -1, -1, -1, -1, -1])
-    where = (info.offset_data, info.size)
+    where = (offset, size)
     if ext in IMAGE_EXTENSIONS:
         code = IMAGE_EXTENSIONS.index(ext) + 1
         if rec[0] == 0 or code < rec[0]:
