@@ -7,6 +7,7 @@ On disk (see docs/design.md, "Database directory")::
     DIR/embeddings/shard-00000.npy  float16 (rows, d), unit norm, rows in id order
     DIR/metadata.parquet            row, id, key, caption, content_hash, split
     DIR/index.faiss                 FAISS index over the embeddings (inner product = cosine)
+    DIR/index.faiss.ivfdata         its inverted lists, when the index lives on disk
     DIR/skipped.jsonl               {"id", "key", "reason"} per item that was not embedded
 
 Building lives in :mod:`rdm.db_build` (``build_database`` is re-exported here).
@@ -264,36 +265,30 @@ class Database:
     # -- vectors --
 
     @cached_property
-    def embeddings(self) -> np.ndarray:
-        """(N, d) float16, unit norm, rows in id order (every shard checked, then concatenated)."""
-        parts = [self._shard(s) for s in range(len(self.manifest["shards"]))]
-        return np.concatenate(parts) if len(parts) != 1 else np.asarray(parts[0])
+    def embeddings(self) -> faiss_index.ShardRows:
+        """(N, d) float16, unit norm, rows in id order: a read-only view over the memory-mapped
+        shards (every shard checked on first use), never concatenated in RAM. Slice it or index
+        it with rows to get an array; ``np.asarray`` reads it all (small databases only)."""
+        shards = self.manifest["shards"]
+        lengths = [int(s["rows"]) for s in shards]
+        return faiss_index.ShardRows(_Shards(self), lengths, self.dim, np.float16)
 
     def vectors(self, rows) -> np.ndarray:
         """Embeddings of ``rows`` (any shape of ints) as float32 (…, d).
 
-        Only the shards holding ``rows`` are read (and checked, once each), so a query touching a
-        few rows of a large database does not hash all of it."""
+        Only the shards holding ``rows`` are checked (once each) and read, and only those rows
+        of them, so a query touching a few rows of a large database does not hash all of it."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.count):
             raise DatabaseError(f"rows must lie in 0..{self.count - 1} for database {self.root}")
-        flat = rows.ravel()
-        starts = self._shard_starts  # (S + 1,) first row of each shard, then N
-        shard_of = np.searchsorted(starts, flat, side="right") - 1  # (n,)
-        out = np.empty((flat.size, self.dim), np.float32)
-        for s in np.unique(shard_of):
-            pick = shard_of == s
-            out[pick] = self._shard(int(s))[flat[pick] - starts[s]]
+        out = self.embeddings[rows.ravel()].astype(np.float32)  # gathered from the memmaps
         return out.reshape(*rows.shape, self.dim)
 
     @cached_property
     def _unit_rows(self) -> faiss_index.UnitRows:
         """The stored vectors normalised as they are read (cosine over vectors not unit norm)."""
-        return faiss_index.UnitRows([self._shard(s) for s in range(len(self.manifest["shards"]))])
-
-    @cached_property
-    def _shard_starts(self) -> np.ndarray:
-        return np.cumsum([0] + [int(s["rows"]) for s in self.manifest["shards"]])
+        lengths = [int(s["rows"]) for s in self.manifest["shards"]]
+        return faiss_index.UnitRows(_Shards(self), lengths, self.dim, np.float16)
 
     def _shard(self, s: int) -> np.ndarray:
         """Shard ``s`` (rows, d) float16, memory-mapped; checked against its sha256 on first use."""
@@ -306,9 +301,14 @@ class Database:
 
     @cached_property
     def index(self):
+        """The FAISS index, with its tuned search knobs; an on-disk index's inverted lists are
+        memory-mapped, not read into RAM. On a GPU where faiss has GPU support (in-memory kinds)."""
         info = self.manifest["index"]
         path = self._checked_file(info, "index")
-        return faiss_index.load_index(path, faiss_index.IndexSpec(info["type"], info["params"]))
+        if info.get("data_file"):  # on-disk inverted lists, beside the index file
+            self._checked_file({"file": info["data_file"], "sha256": info["data_sha256"]}, "index")
+        spec = faiss_index.IndexSpec(info["type"], info["params"])
+        return faiss_index.to_gpu(faiss_index.load_index(path, spec), spec)
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows by cosine: ``xq`` (B, d) or (d,) -> ``D`` (B, k) float32, ``I`` (B, k)
@@ -379,6 +379,19 @@ class Database:
         if problem:
             raise DatabaseError(f"{problem}; {self.rebuild_hint()}")
         return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+class _Shards:
+    """The shards of ``db`` as a sequence that opens (and checks) each one on first use."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    def __len__(self) -> int:
+        return len(self.db.manifest["shards"])
+
+    def __getitem__(self, s: int) -> np.ndarray:
+        return self.db._shard(int(s))
 
 
 def _shard_problem(path: Path, rows: int, dim: int) -> str | None:
@@ -480,6 +493,12 @@ def _verify_index(root: Path, m: dict) -> list[str]:
     problems = []
     if sha256_file(path) != m["index"]["sha256"]:
         problems.append(f"index {path} does not match its checksum (modified or truncated?)")
+    if m["index"].get("data_file"):  # an on-disk index's inverted lists
+        data = root / m["index"]["data_file"]
+        if not data.is_file():
+            return problems + [f"index lists {data} are missing"]
+        if sha256_file(data) != m["index"]["data_sha256"]:
+            problems.append(f"index lists {data} do not match their checksum (modified?)")
     try:
         index = faiss_index.load_index(path)
     except RdmError as exc:

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -275,7 +276,8 @@ def _finish(
         )
     _write_metadata(out / METADATA, rows, _split_labels(source, split, db_fraction, rows))
     write_text(out / SKIPPED, "".join(_json_line(s) for s in skipped))
-    emb = np.concatenate([np.load(out / s["file"], allow_pickle=False) for s in shards])
+    # (N, d) float16 rows read from the memory-mapped shards, never concatenated in RAM
+    emb = faiss_index.ShardRows([np.load(out / s["file"], mmap_mode="r") for s in shards])
     index_info = _build_and_save_index(out, emb, memory_budget, progress)
     identity = content_identity(
         plan.source, np.array([r["id"] for r in rows], np.int64), plan.encoder
@@ -357,37 +359,66 @@ def _split_labels(source: Source, split: str, db_fraction: float, rows: list[dic
 def build_and_save_index(
     out: Path, emb, memory_budget: float = DEFAULT_MEMORY_BUDGET, progress: bool = True
 ) -> dict:
-    """Choose, build, tune and save the index of ``emb`` (N, d) unit rows (an array, a memmap or
-    :class:`rdm.index.UnitRows`) as ``out/index.faiss``; returns the manifest's ``index`` entry.
-    The one index step of every database (built here, imported by rdm.official.db_import)."""
+    """Choose, build, tune and save the index of ``emb`` (N, d) unit rows (an array, a memmap,
+    :class:`rdm.index.ShardRows` or :class:`rdm.index.UnitRows`) as ``out/index.faiss`` (and,
+    for an on-disk index, its lists ``out/index.faiss.ivfdata``); returns the manifest's
+    ``index`` entry. The one index step of every database (built here, imported by
+    rdm.official.db_import)."""
     return _build_and_save_index(out, emb, memory_budget, progress)
 
 
-def _build_and_save_index(out: Path, emb: np.ndarray, memory_budget: float, progress: bool) -> dict:
+#: the seed of the index's training sample and of the recall queries (recorded in the manifest)
+INDEX_SEED = 0
+
+
+def _build_and_save_index(out: Path, emb, memory_budget: float, progress: bool) -> dict:
     n, d = emb.shape
     spec = faiss_index.choose_index(n, d, memory_budget)
+    where = "inverted lists on disk" if spec.on_disk else "in memory"
     if progress:
-        _note(f"indexing {n} vectors: {spec.factory(d)} (inner product)")
-    index = faiss_index.build_index(emb, spec)
-    ks = tuple(sorted({min(k, n - 1) for k in RECALL_KS} - {0}))
-    if spec.type == "flat" or not ks:
-        recall, measured_on = (
-            {k: 1.0 for k in RECALL_KS},
-            "exact index (IndexFlatIP): recall 1 by construction",
-        )
-    else:
-        spec, recall = faiss_index.tune_index(index, spec, emb, ks, n_queries=RECALL_QUERIES)
-        measured_on = (
-            f"{min(RECALL_QUERIES, n)} database rows as queries (seed 0), each query's own row "
-            "left out, against exact search"
-        )
-    faiss_index.save_index(index, out / INDEX)
+        _note(f"indexing {n} vectors: {spec.factory(d)} (inner product, {where})")
+    # built in a temporary directory inside out/, then moved into place: a killed build leaves
+    # no half-written index where the manifest will point (the manifest is written last)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".index-") as tmp:
+        built = Path(tmp) / INDEX
+        data = faiss_index.data_path_of(built)
+        index = faiss_index.build_index(emb, spec, seed=INDEX_SEED, data_path=data)
+        ks = tuple(sorted({min(k, n - 1) for k in RECALL_KS} - {0}))
+        if spec.type == "flat" or not ks:
+            recall, measured_on = (
+                {k: 1.0 for k in RECALL_KS},
+                "exact index (IndexFlatIP): recall 1 by construction",
+            )
+        else:
+            spec, recall = faiss_index.tune_index(
+                index, spec, emb, ks, n_queries=RECALL_QUERIES, seed=INDEX_SEED
+            )
+            measured_on = (
+                f"{min(RECALL_QUERIES, n)} database rows as queries (seed {INDEX_SEED}), each "
+                "query's own row left out, against exact search"
+            )
+        faiss_index.save_index(index, built)
+        del index  # closes the on-disk lists' memory map before the file moves
+        files = {}
+        if spec.on_disk:
+            files = {"data_file": data.name, "data_sha256": sha256_file(data)}
+            os.replace(data, out / data.name)
+        os.replace(built, out / INDEX)
+    trained = spec.type in ("ivfpq", "ivf")
     return {
         "type": spec.type,
         "params": spec.params,
         "factory": spec.factory(d),
         "file": INDEX,
         "sha256": sha256_file(out / INDEX),
+        **files,
+        "on_disk": spec.on_disk,
+        # what the coarse quantizer (and PQ) were trained on: rdm.index.training_rows
+        "training": {
+            "rows": faiss_index.training_size(n, spec.params["nlist"]) if trained else 0,
+            "seed": INDEX_SEED,
+            "sample": "uniform without replacement" if trained else "none (no training)",
+        },
         "recall_at_k": float(recall[min(recall)]),
         "k": int(min(recall)),
         "recall_by_k": {str(k): float(r) for k, r in recall.items()},

@@ -11,16 +11,40 @@ Which index, by size and memory budget (:func:`choose_index`):
 - ``ivfpq``: ``IndexIVFPQ`` (nlist ≈ 4·√N cells, d/8 bytes per code) wrapped in an
   ``IndexRefine`` that re-ranks ``k_factor·k`` candidates with the stored vectors. The refine
   store is float16 (``SQfp16``), which is *exact* re-ranking for our databases because their
-  embeddings are stored as float16 to begin with; under tighter budgets 8-bit (``SQ8``), then none.
+  embeddings are stored as float16 to begin with; under a tighter budget 8-bit (``SQ8``);
+- ``ivf`` on disk, when not even that fits: ``IndexIVFScalarQuantizer`` with float16 codes of
+  the vectors themselves (not residuals, so a code *is* the stored float16 vector and scores
+  inside the probed cells are exact), its inverted lists in ``index.ivfdata`` beside the index
+  file (faiss ``OnDiskInvertedLists``, built with ``faiss.contrib.ondisk.merge_ondisk``) and
+  memory-mapped when searched. RAM holds only the centroids; recall depends on ``nprobe`` alone.
+
+Why one on-disk IVF rather than several smaller indexes searched together: the coarse quantizer
+is searched once per query and each probed cell is one contiguous run of the file (one read),
+where S shard indexes would cost S coarse searches, S reads per cell and a merge of S result
+heaps. And why float16 codes rather than PQ codes on disk: PQ alone cannot reach the recall
+target (it needs the re-ranking store, in RAM), while a float16 code costs the same 2·d bytes as
+the database's own shards and needs no training beyond the centroids. (IVF-PQ without
+re-ranking, rdm's last resort before, is therefore never chosen.)
+
+Every index is trained on a uniform random sample of rows (:func:`training_rows`, seeded; not
+the first rows, which in a database sorted by source or crawl order are a biased sample) and
+filled in chunks read from ``xb``, which may be a memory map or a :class:`ShardRows` view over
+the shards, so no step holds all vectors in RAM.
 
 Approximate indexes get their search knobs (``efSearch``; ``nprobe`` and ``k_factor``) tuned after
 the build until sampled queries reach :data:`TARGET_RECALL` against exact search
-(:func:`tune_index`).
+(:func:`tune_index`). Where ``faiss`` has GPU support and a GPU is present, in-memory indexes are
+searched on it (:func:`to_gpu`); never required.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +61,12 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 40
 #: rows handed to FAISS per call while adding / scanning, to bound float32 copies (~128 MB at d=512)
 CHUNK = 65_536
+#: training rows per IVF cell (FAISS wants ≥ 39), sampled uniformly at random
+TRAIN_PER_CELL = 40
+#: the on-disk inverted lists, beside the index file
+IVFDATA_SUFFIX = ".ivfdata"
+#: rows per block of an on-disk build: its lists are held in RAM (~265 MB at d=512) until written
+ON_DISK_BLOCK = 262_144
 
 
 class FaissIndexError(RdmError):
@@ -45,7 +75,8 @@ class FaissIndexError(RdmError):
 
 @dataclass
 class IndexSpec:
-    """What to build: ``type`` in {"flat", "hnsw", "ivfpq"}, ``params`` JSON-serialisable."""
+    """What to build: ``type`` in {"flat", "hnsw", "ivfpq", "ivf"}, ``params`` JSON-serialisable
+    (``ivf`` is the on-disk index: ``params["on_disk"]`` is True)."""
 
     type: str
     params: dict = field(default_factory=dict)
@@ -59,15 +90,33 @@ class IndexSpec:
         if self.type == "ivfpq":
             refine = {"fp16": ",Refine(SQfp16)", "sq8": ",Refine(SQ8)", "none": ""}
             return f"IVF{self.params['nlist']},PQ{self.params['m']}{refine[self.params['refine']]}"
-        raise FaissIndexError(f"unknown index type {self.type!r}; expected flat, hnsw or ivfpq")
+        if self.type == "ivf":
+            return f"IVF{self.params['nlist']},SQfp16"
+        raise FaissIndexError(
+            f"unknown index type {self.type!r}; expected flat, hnsw, ivfpq or ivf"
+        )
+
+    def memory_bytes(self, n: int, d: int) -> float:
+        """Approximate RAM the built index of ``n`` vectors holds: for an on-disk index only its
+        centroids (its lists are memory-mapped: page cache the kernel may reclaim)."""
+        centroids = 4 * d * self.params.get("nlist", 0)
+        return centroids + (0 if self.on_disk else n * self.bytes_per_vector(d))
+
+    @property
+    def on_disk(self) -> bool:
+        """Whether the inverted lists live in a file beside the index (memory-mapped)."""
+        return bool(self.params.get("on_disk", False))
 
     def bytes_per_vector(self, d: int) -> float:
-        """Approximate memory per database vector once built."""
+        """Approximate bytes per database vector once built: in RAM, or on disk when
+        :attr:`on_disk` (then RAM holds only the centroids)."""
         if self.type == "flat":
             return 4 * d
         if self.type == "hnsw":
             # float32 vector + level-0 links (2M int32) + ~1/M upper-level links
             return 4 * d + 2 * self.params["M"] * 4 * (1 + 1 / self.params["M"])
+        if self.type == "ivf":
+            return 2 * d + 8  # float16 code + int64 id in the on-disk inverted list
         refine_bytes = {"fp16": 2 * d, "sq8": d, "none": 0}[self.params["refine"]]
         return self.params["m"] + 8 + refine_bytes  # PQ code + int64 id in the inverted list
 
@@ -76,7 +125,8 @@ class IndexSpec:
 
 
 def choose_index(n: int, d: int, memory_budget_bytes: float) -> IndexSpec:
-    """The most accurate index for ``n`` vectors of dimension ``d`` that fits the budget."""
+    """The most accurate index for ``n`` vectors of dimension ``d`` whose RAM fits the budget:
+    in memory if one that re-ranks with the stored vectors fits, else on disk."""
     if n < 1:
         raise FaissIndexError("cannot index an empty database (n = 0)")
     if n <= EXACT_MAX_N and 4 * d * n <= memory_budget_bytes:
@@ -84,9 +134,9 @@ def choose_index(n: int, d: int, memory_budget_bytes: float) -> IndexSpec:
     hnsw = IndexSpec("hnsw", {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": 64})
     if n * hnsw.bytes_per_vector(d) <= memory_budget_bytes:
         return hnsw
-    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))  # faiss wants ≥ 39 training points per cell
+    nlist = _nlist(n)
     centroid_bytes = 4 * d * nlist
-    for refine in ("fp16", "sq8", "none"):
+    for refine in ("fp16", "sq8"):
         spec = IndexSpec(
             "ivfpq",
             {
@@ -99,12 +149,22 @@ def choose_index(n: int, d: int, memory_budget_bytes: float) -> IndexSpec:
         )
         if n * spec.bytes_per_vector(d) + centroid_bytes <= memory_budget_bytes:
             return spec
-    need = n * spec.bytes_per_vector(d) + centroid_bytes
-    raise FaissIndexError(
-        f"a memory budget of {memory_budget_bytes / 1e9:.3g} GB cannot hold an index of {n} "
-        f"vectors of dimension {d}; the smallest (IVF-PQ without re-ranking) needs about "
-        f"{need / 1e9:.3g} GB: raise --memory-budget"
-    )
+    # On disk: RAM holds the centroids and, while training, a float32 sample of 40 rows per
+    # cell; both must fit a quarter of the budget (the rest: one chunk being added, the shards'
+    # pages, the interpreter), which caps the number of cells.
+    nlist = max(1, min(nlist, int(memory_budget_bytes / 4 / (4 * d * TRAIN_PER_CELL))))
+    if 4 * 4 * d * training_size(n, nlist) > memory_budget_bytes:
+        raise FaissIndexError(
+            f"a memory budget of {memory_budget_bytes / 1e9:.3g} GB cannot hold an index of {n} "
+            f"vectors of dimension {d}, not even on disk (training its cells needs about "
+            f"{4 * 4 * d * training_size(n, nlist) / 1e9:.3g} GB): raise --memory-budget"
+        )
+    return IndexSpec("ivf", {"nlist": nlist, "nprobe": 16, "on_disk": True})
+
+
+def _nlist(n: int) -> int:
+    """IVF cells: ≈ 4·√n, with at least 39 training points per cell (FAISS warns below that)."""
+    return max(1, min(int(4 * math.sqrt(n)), n // 39))
 
 
 def pq_subquantizers(d: int) -> int:
@@ -118,10 +178,15 @@ def pq_subquantizers(d: int) -> int:
 # ---- build / save / load ------------------------------------------------------------------------
 
 
-def build_index(xb: np.ndarray, spec: IndexSpec, *, seed: int = 0):
+def build_index(
+    xb: np.ndarray, spec: IndexSpec, *, seed: int = 0, data_path: str | Path | None = None
+):
     """Build the index of ``spec`` over ``xb`` (N, d) unit-norm rows (float16/float32, may be a
-    memmap or a :class:`UnitRows` view); rows are added in chunks so only one float32 chunk is
-    materialised at a time."""
+    memmap or a :class:`ShardRows` view): trained on :func:`training_rows` of ``seed``, then
+    filled in chunks so only one float32 chunk is materialised at a time.
+
+    An on-disk spec writes its inverted lists to ``data_path`` (required then; name it
+    ``<index file>`` + :data:`IVFDATA_SUFFIX`: the index file refers to it by that name)."""
     import faiss
 
     n, d = xb.shape
@@ -135,11 +200,58 @@ def build_index(xb: np.ndarray, spec: IndexSpec, *, seed: int = 0):
         # FAISS's defaults (256, 25) at the same recall (measured at 300k x 512, see bench/)
         ivf.pq.cp.niter, ivf.pq.cp.max_points_per_centroid = 10, 64
         ivf.cp.seed = ivf.pq.cp.seed = seed
-        index.train(_training_sample(xb, ivf.nlist, seed))
-    for start in range(0, n, CHUNK):
-        index.add(_f32(xb[start : start + CHUNK]))
+    if spec.type == "ivf":
+        ivf = _ivf_of(index)
+        ivf.by_residual = False  # codes are the float16 vectors themselves: exact scores
+        ivf.cp.seed = seed
+    if spec.type in ("ivfpq", "ivf"):
+        index.train(_f32(xb[training_rows(n, training_size(n, spec.params["nlist"]), seed)]))
+    if spec.on_disk:
+        if data_path is None:
+            raise FaissIndexError("an on-disk index needs data_path for its inverted lists")
+        _fill_on_disk(index, xb, Path(data_path))
+    else:
+        for start in range(0, n, CHUNK):
+            index.add(_f32(xb[start : start + CHUNK]))
     set_search_params(index, spec)
     return index
+
+
+def training_size(n: int, nlist: int) -> int:
+    """Rows the coarse quantizer (and PQ) train on: 40 per cell, at least 10k, at most n."""
+    return min(n, max(TRAIN_PER_CELL * nlist, 10_000))
+
+
+def training_rows(n: int, size: int, seed: int) -> np.ndarray:
+    """(size,) int64 rows of ``0..n-1`` drawn uniformly without replacement with ``seed``,
+    ascending (so reading them from memory-mapped shards walks each shard once)."""
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+
+
+def _fill_on_disk(trained, xb, data_path: Path) -> None:
+    """Add ``xb`` to the trained on-disk ``trained`` index in blocks: each block is an ordinary
+    IVF index (its lists in RAM, ``ON_DISK_BLOCK`` rows at most) written to a temporary file;
+    then faiss merges the block files, memory-mapped, into one ``OnDiskInvertedLists`` file at
+    ``data_path`` (faiss.contrib.ondisk.merge_ondisk) and the block files are deleted."""
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    n = xb.shape[0]
+    with tempfile.TemporaryDirectory(dir=data_path.parent, prefix=".ivf-blocks-") as tmp:
+        names = []
+        for b, start in enumerate(range(0, n, ON_DISK_BLOCK)):
+            block = faiss.clone_index(trained)
+            for s in range(start, min(start + ON_DISK_BLOCK, n), CHUNK):
+                stop = min(s + CHUNK, start + ON_DISK_BLOCK, n)
+                block.add_with_ids(_f32(xb[s:stop]), np.arange(s, stop, dtype=np.int64))
+            names.append(os.path.join(tmp, f"block-{b:05d}.index"))
+            faiss.write_index(block, names[-1])
+            del block
+        with _c_stdout_to_stderr():  # faiss printf()s "resizing ..." while merging
+            merge_ondisk(trained, names, str(data_path))
+    # the index file names its lists file; only the base name is kept, and load_index looks for
+    # it beside the index file (IO_FLAG_ONDISK_SAME_DIR), so the database directory can move
+    faiss.downcast_InvertedLists(_ivf_of(trained).invlists).filename = data_path.name
 
 
 def set_search_params(index, spec: IndexSpec) -> None:
@@ -148,9 +260,9 @@ def set_search_params(index, spec: IndexSpec) -> None:
 
     if spec.type == "hnsw":
         faiss.downcast_index(index).hnsw.efSearch = int(spec.params["efSearch"])
-    elif spec.type == "ivfpq":
+    elif spec.type in ("ivfpq", "ivf"):
         _ivf_of(index).nprobe = int(spec.params["nprobe"])
-        if spec.params["refine"] != "none":
+        if spec.type == "ivfpq" and spec.params["refine"] != "none":
             faiss.downcast_index(index).k_factor = float(spec.params["k_factor"])
 
 
@@ -169,14 +281,16 @@ def save_index(index, path: str | Path) -> None:
 
 
 def load_index(path: str | Path, spec: IndexSpec | None = None):
-    """Read an index written by :func:`save_index`; apply ``spec``'s search knobs if given."""
+    """Read an index written by :func:`save_index`; apply ``spec``'s search knobs if given. An
+    on-disk index's inverted lists are memory-mapped from the file beside it, not read."""
     import faiss
 
     path = Path(path)
     if not path.is_file():
         raise FaissIndexError(f"index file {path} is missing")
     try:
-        index = faiss.read_index(str(path))
+        with _c_stdout_to_stderr():  # faiss printf()s where it found on-disk lists
+            index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
     except RuntimeError as exc:
         raise FaissIndexError(
             f"index file {path} cannot be read ({str(exc).splitlines()[0]}); it is damaged or "
@@ -185,6 +299,42 @@ def load_index(path: str | Path, spec: IndexSpec | None = None):
     if spec is not None:
         set_search_params(index, spec)
     return index
+
+
+def data_path_of(path: str | Path) -> Path:
+    """The inverted-lists file of an on-disk index file ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + IVFDATA_SUFFIX)
+
+
+# ---- GPU ----------------------------------------------------------------------------------------
+
+
+def gpu_available() -> bool:
+    """Whether FAISS can search on a GPU here: a faiss build with GPU support, at least one GPU,
+    and ``RDM_FAISS_GPU`` not set to 0."""
+    import faiss
+
+    if os.environ.get("RDM_FAISS_GPU", "auto") == "0":
+        return False
+    return hasattr(faiss, "index_cpu_to_gpu") and faiss.get_num_gpus() > 0
+
+
+def to_gpu(index, spec: IndexSpec):
+    """``index`` copied to every GPU when :func:`gpu_available` and the kind runs there (flat and
+    IVF-PQ; HNSW and on-disk lists stay on the CPU); else ``index`` itself. Scores then differ
+    from the CPU's in their last float bits."""
+    if spec.type not in ("flat", "ivfpq") or spec.on_disk or not gpu_available():
+        return index
+    import faiss
+
+    try:
+        gpu = faiss.index_cpu_to_all_gpus(index)
+    except RuntimeError as exc:  # e.g. a refine wrapper this faiss cannot clone to GPU
+        print(f"FAISS index stays on the CPU ({str(exc).splitlines()[0]})", file=sys.stderr)
+        return index
+    set_search_params(gpu, spec)
+    return gpu
 
 
 # ---- search -------------------------------------------------------------------------------------
@@ -212,7 +362,8 @@ def exact_search(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np
     xq = _f32(np.atleast_2d(xq))
     k = min(k, xb.shape[0])
     chunks = (_f32(xb[start : start + CHUNK]) for start in range(0, xb.shape[0], CHUNK))
-    D, I = knn_ground_truth(xq, chunks, k, metric_type=faiss.METRIC_INNER_PRODUCT, ngpu=0)
+    ngpu = -1 if gpu_available() else 0
+    D, I = knn_ground_truth(xq, chunks, k, metric_type=faiss.METRIC_INNER_PRODUCT, ngpu=ngpu)
     order = np.lexsort((I, -D), axis=1)  # by score descending, then row ascending
     return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
 
@@ -329,40 +480,112 @@ def tune_index(
     return tuned, current
 
 
-# ---- vectors that are not unit norm --------------------------------------------------------------
+# ---- rows of several shards ---------------------------------------------------------------------
 
 
-class UnitRows:
-    """Several (n_i, d) arrays (float16 memmaps) read as one (N, d) ``xb`` of unit rows.
+class ShardRows:
+    """Several (n_i, d) arrays (the database's float16 shards, memory-mapped) read as one (N, d)
+    ``xb``, without concatenating them: every function here takes it as ``xb``.
 
-    Cosine search over stored vectors that are not unit norm (an imported database keeps the
-    vectors its model was trained with): every function here takes it as ``xb``, and each read
-    (a slice or an array of rows) returns float32 rows divided by their norms, so the index is
-    built and checked over the normalised vectors while only the rows read are materialised."""
+    Reading a slice or an array of rows copies only those rows out, in the shards' dtype (the
+    stored bytes, unchanged), and then hands the pages it touched back to the kernel (they stay in
+    the page cache), so a pass over all rows never makes the process resident in all of them.
+    ``np.asarray(view)`` materialises everything: for small databases and tests only."""
 
-    def __init__(self, parts: list[np.ndarray]):
+    #: rows gathered from a shard per step, bounding the pages touched between releases
+    GATHER = 16_384
+
+    def __init__(self, parts, lengths: list[int] | None = None, dim: int | None = None, dtype=None):
+        """``parts``: a sequence of (n_i, d) arrays. A sequence that opens (and checks) a shard
+        only when it is first indexed stays lazy when ``lengths``, ``dim`` and ``dtype`` (of the
+        stored rows) are given too: then only the shards a read touches are opened."""
+        if not len(parts):
+            raise FaissIndexError("ShardRows needs at least one shard")
         self.parts = parts
-        self.starts = np.cumsum([0] + [len(p) for p in parts])  # (P + 1,)
-        self.shape = (int(self.starts[-1]), int(parts[0].shape[1]))
+        lengths = [len(p) for p in parts] if lengths is None else lengths
+        self.starts = np.cumsum([0] + list(lengths))  # (P + 1,)
+        self.shape = (int(self.starts[-1]), int(parts[0].shape[1] if dim is None else dim))
+        stored = np.dtype(parts[0].dtype if dtype is None else dtype)
+        self.dtype = self._read(np.zeros((0, self.shape[1]), stored)).dtype
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self[np.array([key])][0]
         if isinstance(key, slice):
             start, stop, step = key.indices(self.shape[0])
             rows = np.arange(start, stop, step)
         else:
             rows = np.asarray(key, dtype=np.int64)
+            if rows.ndim != 1:  # any shape of rows -> (*shape, d), as numpy indexing gives
+                return self[rows.ravel()].reshape(*rows.shape, self.shape[1])
+            rows = np.where(rows < 0, rows + self.shape[0], rows)
+            if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+                raise IndexError(f"rows must lie in 0..{self.shape[0] - 1}")
         part = np.searchsorted(self.starts, rows, side="right") - 1  # (n,)
-        out = np.empty((len(rows), self.shape[1]), np.float32)
+        out = np.empty((len(rows), self.shape[1]), self.dtype)
         for p in np.unique(part):
-            pick = part == p
-            out[pick] = self.parts[p][rows[pick] - self.starts[p]]
+            where = np.flatnonzero(part == p)
+            for i in range(0, len(where), self.GATHER):
+                pick = where[i : i + self.GATHER]
+                out[pick] = self._read(self.parts[p][rows[pick] - self.starts[p]])
+                _release(self.parts[p])
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    def astype(self, dtype) -> np.ndarray:
+        """All rows as ``dtype``, as ``np.ndarray.astype`` (small databases only)."""
+        return self[:].astype(dtype)
+
+    def tobytes(self) -> bytes:
+        """All rows' bytes, as ``np.ndarray.tobytes`` (small databases only)."""
+        return self[:].tobytes()
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        """Rows as they are returned (here: as stored)."""
+        return np.asarray(rows)
+
+
+class UnitRows(ShardRows):
+    """:class:`ShardRows` whose reads are float32 rows divided by their norms.
+
+    Cosine search over stored vectors that are not unit norm (an imported database keeps the
+    vectors its model was trained with): the index is built and checked over the normalised
+    vectors while only the rows read are materialised."""
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        out = np.asarray(rows, dtype=np.float32)
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
+def _release(part: np.ndarray) -> None:
+    """Drop a memory map's pages from this process (MADV_DONTNEED on a read-only file mapping:
+    the page cache keeps them, the next read faults them back in); no-op for arrays in RAM."""
+    m = getattr(part, "_mmap", None)  # np.memmap's mapping, shared by its views
+    if m is not None and hasattr(m, "madvise"):
+        m.madvise(mmap.MADV_DONTNEED)
+
+
 # ---- helpers ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _c_stdout_to_stderr():
+    """Send what C code prints to stdout (file descriptor 1) to stderr meanwhile: stdout belongs
+    to the CLI's results."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _f32(x: np.ndarray) -> np.ndarray:
@@ -376,12 +599,3 @@ def _ivf_of(index):
     if isinstance(inner, faiss.IndexRefine):
         inner = faiss.downcast_index(inner.base_index)
     return faiss.downcast_index(faiss.extract_index_ivf(inner))
-
-
-def _training_sample(xb: np.ndarray, nlist: int, seed: int) -> np.ndarray:
-    """Rows to train the coarse quantizer and PQ on: 40 per cell (FAISS wants ≥ 39), at least
-    10k, sampled without replacement."""
-    n = xb.shape[0]
-    size = min(n, max(40 * nlist, 10_000))
-    rows = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
-    return _f32(xb[rows])
