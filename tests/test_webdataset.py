@@ -246,7 +246,7 @@ def test_items_load_in_forked_workers_and_after_pickling(shards):
     with multiprocessing.get_context("fork").Pool(1) as pool:
         assert pool.map(_load_pixels, [(src, 1), (src, 2_000_003)]) == want
     copy = pickle.loads(pickle.dumps(src))
-    assert copy._fds == {} and all(t is None for t in copy._tables)  # re-mapped, not copied
+    assert copy._fds == {} and copy._mapped == {}  # mapped again from the cache, not copied
     assert [copy.load(i).tobytes() for i in (1, 2_000_003)] == want
     assert copy.caption(2_000_001) == "picture 2-1"
 
@@ -326,3 +326,16 @@ def test_the_header_reader_agrees_with_tarfile(tmp_path, fmt):
     assert [n for n, _, _ in walked][:3] == [f"{deep}/000.jpg", "000.txt", "a/b.png"]
     data = path.read_bytes()
     assert [data[o : o + s] for _, o, s in walked][:3] == [bytes(700), b"", bytes(512)]
+
+
+def test_descriptors_and_mapped_indexes_stay_bounded(shards, monkeypatch):
+    """Thousands of shards must not pass the open-file limit: descriptors and memory-mapped
+    indexes (each holds a descriptor) are kept for a few shards and reopened on demand."""
+    monkeypatch.setattr(wds, "MAX_OPEN_SHARDS", 1)
+    monkeypatch.setattr(wds, "MAX_MAPPED_SHARDS", 2)
+    src = open_source(spec_of(shards))
+    for _ in range(2):
+        for i in (0, 1_000_001, 2_000_002):
+            assert src.load(i).size == (32, 32) and src.caption(i).startswith("picture")
+            assert len(src._fds) <= 1 and len(src._mapped) <= 2
+    assert src.key(7) == "00000/000000007"

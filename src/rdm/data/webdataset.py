@@ -65,6 +65,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 STRIDE = 1_000_000
 #: open shard file descriptors kept per process (random access over thousands of shards)
 MAX_OPEN_SHARDS = 32
+#: shard indexes kept memory-mapped at once (each map holds a descriptor too)
+MAX_MAPPED_SHARDS = 32
 #: the on-disk index layout; part of the cache file's key, so a new layout never reads an old one
 CACHE_FORMAT = "rdm-wds-index/1"
 _CACHE_ENV = "RDM_CACHE"
@@ -106,8 +108,10 @@ class WebDatasetSource(Source):
         self.cache_dir = _default_cache_dir() if cache_dir is _DEFAULT_CACHE else cache_dir
         self.shards, self._numbers, self.id_rule = _number_shards(shards)
         self.stems = [p.name[: -len(".tar")] for p in self.shards]
-        self._tables: list[np.ndarray | None] = [self._index(p) for p in self.shards]
-        self._counts = np.array([len(t) for t in self._tables], dtype=np.int64)  # (shards,)
+        self._resident: dict[int, np.ndarray] = {}  # tables held in memory (no cache)
+        self._mapped: OrderedDict[int, np.ndarray] = OrderedDict()  # memory-mapped, a few
+        counts = [len(self._keep(s, self._index(p))) for s, p in enumerate(self.shards)]
+        self._counts = np.array(counts, dtype=np.int64)  # (shards,) samples per shard
         self._check_stride()
         if not self._counts.sum():
             raise SourceError(
@@ -215,15 +219,30 @@ class WebDatasetSource(Source):
     # ---- the per-shard index ------------------------------------------------------------------
 
     def _table(self, s: int) -> np.ndarray:
-        """The sample records of shard ``s`` (reloaded from the cache after unpickling)."""
-        table = self._tables[s]
-        if table is None:
-            table = self._tables[s] = self._index(self.shards[s])
-            if len(table) != self._counts[s]:
-                raise SourceError(
-                    f"shard {self.shards[s]} changed since {self.spec!r} was opened "
-                    f"({self._counts[s]} samples then, {len(table)} now): open the source again"
-                )
+        """The sample records of shard ``s`` (mapped again from the cache when evicted or after
+        unpickling)."""
+        if s in self._resident:
+            return self._resident[s]
+        if s in self._mapped:
+            self._mapped.move_to_end(s)
+            return self._mapped[s]
+        table = self._index(self.shards[s])
+        if len(table) != self._counts[s]:
+            raise SourceError(
+                f"shard {self.shards[s]} changed since {self.spec!r} was opened "
+                f"({self._counts[s]} samples then, {len(table)} now): open the source again"
+            )
+        return self._keep(s, table)
+
+    def _keep(self, s: int, table: np.ndarray) -> np.ndarray:
+        # every memory map holds a file descriptor: keep a few (thousands of shards would pass
+        # the process's open-file limit), map the others again when they are read
+        if not isinstance(table, np.memmap):
+            self._resident[s] = table
+            return table
+        self._mapped[s] = table
+        while len(self._mapped) > MAX_MAPPED_SHARDS:
+            self._mapped.popitem(last=False)
         return table
 
     def _member_key(self, s: int, j: int) -> str:
@@ -319,8 +338,7 @@ class WebDatasetSource(Source):
         # Workers get the shard list and counts, not descriptors; memory-mapped tables are
         # re-mapped from the cache there instead of being copied through the pickle.
         state = dict(self.__dict__)
-        state.update(_fds=None, _parquet=None, _pid=None, _fractions=None)
-        state["_tables"] = [None if isinstance(t, np.memmap) else t for t in self._tables]
+        state.update(_fds=None, _parquet=None, _pid=None, _fractions=None, _mapped=OrderedDict())
         return state
 
     def __setstate__(self, state: dict) -> None:
