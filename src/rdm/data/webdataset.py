@@ -31,12 +31,14 @@ An unreadable member keeps its id (it fails in :meth:`WebDatasetSource.load` wit
 recorded in manifests through :meth:`WebDatasetSource.split_rule`. As for every source, ids are
 not rows: a database's ``row`` numbers are dense and its ``id`` column keeps these ids.
 
-Opening reads tar headers only (``tarfile`` seeks over the data of an uncompressed tar) into one
-small numpy record per sample (:data:`_RECORD`: key, offsets and sizes, ~60 bytes; no TarInfo
-objects), cached on disk per shard (``$RDM_CACHE/webdataset`` or ``~/.cache/rdm/webdataset``,
-keyed by the shard's path, size, mtime and inode) and memory-mapped, so reopening 20M samples
-costs a few file opens. Loading an item reads its member alone with ``os.pread`` on a file
-descriptor kept per process (reopened lazily after a fork: DataLoader and Ray workers).
+Opening reads tar headers only (one ``os.pread`` of 512 bytes per header, skipping the data;
+``tarfile`` for dialects that reader does not know) into one small numpy record per sample
+(:data:`_RECORD`: key, offsets and sizes, 58 bytes for img2dataset's 9-character keys; no
+TarInfo objects), cached on disk per shard (``$RDM_CACHE/webdataset`` or
+``~/.cache/rdm/webdataset``, keyed by the shard's path, size, mtime and inode) and
+memory-mapped (a few shards at a time: each map holds a descriptor), so reopening costs a file
+open per shard. Loading an item reads its member alone with ``os.pread`` on a descriptor kept
+per process (opened afresh after a fork: DataLoader and Ray workers).
 """
 
 from __future__ import annotations
