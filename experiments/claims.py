@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -203,15 +202,11 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, no GPU, Python {platform.python_version()}"
+    from rdm.evaluation.report import machine as measured_on
+
+    m = measured_on()
+    gpu = m["gpu"] or "no GPU"
+    return f"{m['cpu']}, {m['cpus']} cores, {gpu}, torch {m['torch']}, Python {m['python']}"
 
 
 def write(
