@@ -290,7 +290,8 @@ def load_index(path: str | Path, spec: IndexSpec | None = None):
         raise FaissIndexError(f"index file {path} is missing")
     try:
         with _c_stdout_to_stderr():  # faiss printf()s where it found on-disk lists
-            index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY  # lists mmapped r/o
+            index = faiss.read_index(str(path), flags)
     except RuntimeError as exc:
         raise FaissIndexError(
             f"index file {path} cannot be read ({str(exc).splitlines()[0]}); it is damaged or "
