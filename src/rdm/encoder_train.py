@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rdm.cpuinfo import cpuinfo_field
 from rdm.data import BadImage, Source, open_source
 from rdm.encoders import Encoder, load_encoder, normalize, resize_crop, save_local_dir
 from rdm.errors import RdmError
@@ -507,15 +508,7 @@ def machine_info() -> dict:
     import open_clip
     import torch
 
-    cpu = platform.processor()
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
+    cpu = cpuinfo_field("model name") or platform.processor()
     return {
         "platform": platform.platform(),
         "cpu": cpu,

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from rdm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from rdm.config import RunConfig, TrainConfig
+from rdm.cpuinfo import cpuinfo_field
 from rdm.diffusion import diffusion_loss, make_scheduler
 from rdm.ema import EmaSpec, ema_decay_at, ema_update
 from rdm.errors import IdentityMismatch, RdmError
@@ -438,14 +439,7 @@ def resolve_precision(mixed_precision: str, device: torch.device) -> str:
 
 def _cpu_flags() -> set[str]:
     """The CPU feature flags of /proc/cpuinfo (empty where it does not exist)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
+    return set((cpuinfo_field("flags") or "").split())
 
 
 def _autocast(device: torch.device, mixed_precision: str):

@@ -8,6 +8,8 @@ import os
 import platform
 from pathlib import Path
 
+from rdm.cpuinfo import cpuinfo_field
+
 
 def machine() -> dict:
     """Where the figures were measured (CPU model as ``lscpu`` names it, threads, versions)."""
@@ -15,14 +17,7 @@ def machine() -> dict:
 
     import rdm
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpuinfo_field("model name") or platform.processor() or platform.machine()
     return {
         "cpu": cpu,
         "cpus": os.cpu_count(),
