@@ -104,6 +104,38 @@ def load_weights(
         ) from None
 
 
+def state_dict_mismatch(
+    expected: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    unexpected_as: str = "unexpected",
+    shapes_as: tuple[str, str] = ("in the file", "expected"),
+    examples: int = 1,
+) -> tuple[list[str], str]:
+    """How ``state`` differs from a module's ``expected`` state dict, in one short line:
+    ``"2 missing (e.g. a), 1 unexpected (e.g. b), 3 of another shape (e.g. c: (4,) in the file,
+    (8,) expected)"``, or ``""`` where names and shapes all match. torch's own message lists every
+    key: thousands of lines for a large UNet.
+
+    Returns the unexpected keys too (in ``state``'s order), for callers that recognise a foreign
+    layout by one of them. ``unexpected_as`` and ``shapes_as`` word the caller's two sides;
+    ``examples`` keys are named per kind."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:examples])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} {unexpected_as} (e.g. {', '.join(unexpected[:examples])})")
+    if reshaped:
+        shapes = "; ".join(
+            f"{k}: {tuple(state[k].shape)} {shapes_as[0]}, {tuple(expected[k].shape)} {shapes_as[1]}"
+            for k in reshaped[:examples]
+        )
+        parts.append(f"{len(reshaped)} of another shape (e.g. {shapes})")
+    return unexpected, ", ".join(parts)
+
+
 def load_run(run_dir: str | Path, weights: str = "ema", device: str | torch.device = "cpu"):
     """(model, config) of a run directory, ready for sampling (eval mode, no grad).
 

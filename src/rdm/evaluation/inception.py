@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rdm.checkpoint import state_dict_mismatch
 from rdm.errors import RdmError
 
 WEIGHTS_ENV = "RDM_INCEPTION_WEIGHTS"
@@ -140,16 +141,12 @@ def load(path: Path) -> nn.Module:
     with torch.device("meta"):
         net = fid_inception_v3()
     state = _read_state_dict(path)
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or shapes:
-        problem = _layout_problem(missing, unexpected, shapes)
+    unexpected, problem = state_dict_mismatch(net.state_dict(), state, examples=3)
+    if problem:
+        if "AuxLogits.fc.weight" in unexpected:
+            problem = (
+                "it has an auxiliary head: torchvision's ImageNet inception_v3, not the FID weights"
+            )
         raise RdmError(f"{path} is not the FID Inception layout: {problem}; give {WEIGHTS_HINT}")
     net.load_state_dict(
         {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, assign=True
@@ -175,16 +172,3 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RdmError(f"{path} does not hold a state dict of tensors; give {WEIGHTS_HINT}")
     return state
-
-
-def _layout_problem(missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
-    if "AuxLogits.fc.weight" in unexpected:
-        return "it has an auxiliary head: torchvision's ImageNet inception_v3, not the FID weights"
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing tensors ({', '.join(missing[:3])} ...)")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected tensors ({', '.join(unexpected[:3])} ...)")
-    if shapes:
-        parts.append(f"{len(shapes)} of other shapes ({'; '.join(shapes[:2])})")
-    return ", ".join(parts)

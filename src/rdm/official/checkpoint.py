@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from rdm.checkpoint import state_dict_mismatch
 from rdm.config import (
     ConfigError,
     DiffusionConfig,
@@ -520,25 +521,16 @@ def _quiet(fn, *args):
 def _load_into(module: torch.nn.Module, state: dict, path: Path, config: Path, what: str) -> None:
     """``module.load_state_dict(state, strict=True, assign=True)``, refusing a mismatch with a
     short account of it (torch's lists every key: thousands of lines for a 400M UNet)."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    reshaped = [k for k in expected if k in state and tuple(state[k].shape) != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} not in the config's model (e.g. {unexpected[0]})")
-    if reshaped:
-        k = reshaped[0]
-        problems.append(
-            f"{len(reshaped)} of another shape (e.g. {k}: {tuple(state[k].shape)} in the "
-            f"checkpoint, {expected[k]} by the config)"
-        )
+    _, problems = state_dict_mismatch(
+        module.state_dict(),
+        state,
+        unexpected_as="not in the config's model",
+        shapes_as=("in the checkpoint", "by the config"),
+    )
     if problems:
         raise OfficialImportError(
             f"checkpoint {path} does not fit config {config}: of its {what} weights "
-            f"{', '.join(problems)}; give the config.yaml released with this checkpoint"
+            f"{problems}; give the config.yaml released with this checkpoint"
         )
     module.load_state_dict(state, strict=True, assign=True)
 
