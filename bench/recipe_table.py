@@ -20,6 +20,10 @@ def recipe(run: Path) -> dict:
     d, t, m = cfg["diffusion"], cfg["train"], cfg["model"]
     pred = {"epsilon": "ε", "v_prediction": "v", "sample": "x₀"}[d["prediction_type"]]
     extras = [d["schedule"]] + (["ZTSNR"] if d.get("zero_terminal_snr") else [])
+    if t.get("lr_schedule", "constant") != "constant":
+        extras.append(f"{t['lr_schedule']} lr")
+    if t.get("batch_size", 64) != 64:
+        extras.append(f"batch {t['batch_size']}")
     if t.get("snr_gamma"):
         extras.append(f"min-SNR γ={t['snr_gamma']:g}")
     steps = _trained_steps(run) or t["steps"]
@@ -38,13 +42,20 @@ def _trained_steps(run: Path) -> int | None:
     return int(rows[-1].split(",")[0]) if rows else None
 
 
+def _weights(name: str | None) -> str:
+    """'' for the main EMA, ' raw' for the model's own weights, else the further EMA's name."""
+    if name in (None, "ema"):
+        return ""
+    return " raw" if name == "model" else f" {name}"
+
+
 def row(eval_dir: Path) -> str:
     r = json.loads((eval_dir / "eval.json").read_text())
     m, fl, s = r["metrics"]["model"], r["metrics"]["floor"], r.get("sampling") or {}
     c, fa = r["colour"], r.get("faithfulness") or {}
     sampling = (
         f"{s.get('sampler')}-{s.get('steps')} η={s.get('eta')} s={s.get('guidance')}"
-        f"{' clip' if s.get('clip_sample') else ''}{' raw' if s.get('weights') == 'model' else ''}"
+        f"{' clip' if s.get('clip_sample') else ''}{_weights(s.get('weights'))}"
         f"{' φ=' + format(s['guidance_rescale'], 'g') if s.get('guidance_rescale') else ''}"
     )
     return (
