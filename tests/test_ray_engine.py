@@ -1,16 +1,19 @@
 """The Ray engine (rdm.engines.ray) against the local engine, on a local 2-CPU Ray cluster.
 
 A database built from a folder on Ray, with one worker killed mid-shard, equals the local build
-bit for bit (shards, metadata, index, skipped list, manifest); a unit that fails stops the run
+bit for bit (shards, metadata, index, skipped list, manifest), as does one built from webdataset
+tar shards; a unit that fails stops the run
 with its own error and the rerun resumes without recomputing the finished shards; neighbours
 via Ray are the local file's bytes. The cluster and the two encoder actors are started once for
 the module (ray.init costs ~15 s on the loaded 2-core machine)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
+import tarfile
 import warnings
 
 import numpy as np
@@ -24,6 +27,7 @@ ray = pytest.importorskip(
 
 from rdm.data import SourceError  # noqa: E402
 from rdm.data.folder import FolderSource  # noqa: E402
+from rdm.data.webdataset import WebDatasetSource  # noqa: E402
 from rdm.database import Database  # noqa: E402
 from rdm.db_build import build_database  # noqa: E402
 from rdm.engines import EngineError, import_ray  # noqa: E402
@@ -127,6 +131,33 @@ def test_a_killed_worker_is_replaced_and_the_build_equals_the_local_one(
     assert db.count == N_IMAGES - 1 and BAD not in db.ids.tolist()
 
 
+def test_a_webdataset_build_on_ray_equals_the_local_one(engine, tmp_path):
+    """Tar shards (img2dataset layout; sparse ids shard x 10^6 + position, a corrupt member
+    skipped) pickle to the workers, which read the members themselves."""
+    rng = np.random.default_rng(1)
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"{shard:05d}.tar", "w") as tar:
+            for j in range(11):
+                key = f"{shard:05d}{j:04d}"
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, "PNG")
+                data = b"garbage" if (shard, j) == (1, 3) else buf.getvalue()
+                for name, payload in ((f"{key}.png", data), (f"{key}.txt", f"p {key}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    spec = str(tmp_path / "{00000..00001}.tar")
+    local = build_database(
+        WebDatasetSource(spec, cache_dir=None), "all", ProjectionEncoder(), tmp_path / "l", **BUILD
+    )
+    source = WebDatasetSource(spec, cache_dir=None)
+    out = engine.build_database(source, "all", ProjectionEncoder(), tmp_path / "r", **BUILD)
+    want, got = database_files(local), database_files(out)
+    assert sorted(got) == sorted(want) and [n for n in want if got[n] != want[n]] == []
+    db = Database.open(out)
+    assert db.count == 21 and 1_000_003 not in db.ids.tolist() and db.keys[0] == "00000/000000000"
+
+
 def test_a_failed_unit_stops_with_its_error_and_the_rerun_resumes(
     engine, folder, local_db, tmp_path
 ):
@@ -168,3 +199,12 @@ def test_without_ray_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(EngineError, match=r"pip install 'rdm\[ray\]'"):
         import_ray()
+
+
+def test_ray_flags_without_the_ray_engine_are_refused(folder, tmp_path, capsys):
+    from rdm.cli import main
+
+    argv = ["db", "build", str(folder), "--out", str(tmp_path / "db"), "--no-progress"]
+    assert main([*argv, "--address", "auto"]) == 2
+    assert "--address applies to --engine ray only" in capsys.readouterr().err
+    assert not (tmp_path / "db").exists()

@@ -25,14 +25,17 @@ Why Ray core actors and not Ray Data's ``map_batches``: (1) the unit is a shard 
 own file and is skipped when written, a task per shard; ``map_batches`` re-cuts the stream into
 its own blocks and returns rows through the object store to one writer, so keeping shard
 composition (and the resume contract) would mean one-row-per-shard datasets on top of it.
-(2) Measured on the 2-core machine under load (Ray 2.55.1, docs/scale.md): a trivial
-``ray.data.range(100).map_batches(F).take_all()`` never finished. Ray Data's default (V2)
-cluster autoscaler asks a coordinator actor for the cluster's size with a 5 s timeout; the
-coordinator's worker process took longer than that to start, every ask timed out, the cached
-answer was "0 CPU", and the executor waited for resources forever ("Cluster resources are not
-enough to run any task"). ``RAY_DATA_CLUSTER_AUTOSCALER=V1`` made it finish, in 134 s for 100
-rows, from the extra processes (stats and coordinator actors, read tasks) a loaded machine
-starts slowly. Actors started by the engine itself cost only one process per worker.
+(2) Measured on the 2-core machine with other jobs holding both cores (Ray 2.55.1, load
+average 4-8; docs/scale.md): a trivial ``ray.data.range(100).map_batches(F, batch_size=25,
+concurrency=1).take_all()`` on ``ray.init(num_cpus=2)`` did not finish in 3 minutes, twice. Ray
+Data's default (V2) cluster autoscaler asks a coordinator actor for the cluster's size with a
+5 s timeout (``RAY_DATA_AUTOSCALING_COORDINATOR_REQUEST_GET_TIMEOUT_S``); that actor's worker
+process took longer to start, every ask timed out, the cached answer was "0 CPU", and the
+executor waited ("Cluster resources are not enough to run any task"). It is CPU starvation, not
+a lack of CPUs: with ``RAY_DATA_CLUSTER_AUTOSCALER=V1`` the same job finished, in 134 s, most of
+it starting the extra processes (stats and coordinator actors, read-task workers). Ray also
+starts workers 15 nice steps below the driver, which a busy machine starves; the engine starts
+its local cluster with ``RAY_worker_niceness=0``. Its own actors cost one process per worker.
 """
 
 from __future__ import annotations
