@@ -74,7 +74,7 @@ def test_loss_decreases_on_a_tiny_overfit_batch():
 
     before = eval_loss()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(100):
+    for step in range(40):  # 0.33x the loss at 40 steps (0.17x at 100): a wide margin
         g = torch.Generator().manual_seed(step)
         loss = diffusion_loss(model, x0.repeat(8, 1, 1, 1), ctx.repeat(8, 1, 1), scheduler, g, 0.1)
         opt.zero_grad()
