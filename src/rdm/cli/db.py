@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 
+from rdm.engines import ENGINES
 from rdm.errors import RdmError
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
@@ -44,6 +45,7 @@ def register(subparsers) -> None:
     )
     build.add_argument("--device", default="cpu", help="device for the encoder")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_engine_arguments(build)
     build.set_defaults(func=run_build)
 
     imp = sub.add_parser(
@@ -124,7 +126,36 @@ def register(subparsers) -> None:
     nb.add_argument("--batch-size", type=int, default=256)
     nb.add_argument("--device", default="cpu")
     nb.add_argument("--no-progress", action="store_true")
+    _add_engine_arguments(nb)
     nb.set_defaults(func=run_neighbors)
+
+
+def _add_engine_arguments(parser) -> None:
+    """Where the heavy stages run (rdm.engines): this process, or encoder actors on Ray."""
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="'local' (default): this process; 'ray': encoder actors on a Ray cluster, one "
+        "resumable shard or block per task (pip install 'rdm[ray]')",
+    )
+    parser.add_argument(
+        "--address",
+        help="--engine ray: an existing cluster (e.g. auto, ray://head:10001); default: start a "
+        "local one with this machine's CPUs",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="--engine ray: encoder actors (default: the cluster's CPUs / --threads, or its GPUs "
+        "with --device cuda, one GPU each)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's; 1 per Ray worker); the same count on both "
+        "engines gives the same bits",
+    )
 
 
 def parse_size(text: str) -> float:
@@ -148,20 +179,60 @@ def run_build(args: argparse.Namespace) -> int:
     from rdm.encoders import load_encoder
 
     source = open_source(args.source)
-    encoder = load_encoder(args.encoder, device=args.device)
-    out = build_database(
-        source,
-        args.split,
-        encoder,
-        args.out,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        memory_budget=args.memory_budget,
-        db_fraction=args.db_fraction,
-        progress=not args.no_progress,
-    )
+    encoder = load_encoder(args.encoder, device=_driver_device(args))
+    options = {
+        "batch_size": args.batch_size,
+        "shard_size": args.shard_size,
+        "memory_budget": args.memory_budget,
+        "db_fraction": args.db_fraction,
+        "progress": not args.no_progress,
+    }
+    if args.engine == "ray":
+        with _ray_engine(args, args.encoder) as engine:
+            out = engine.build_database(source, args.split, encoder, args.out, **options)
+    else:
+        out = build_database(source, args.split, encoder, args.out, **options)
     print(out)
     return 0
+
+
+def _driver_device(args: argparse.Namespace) -> str:
+    """The device of this process's encoder. With --engine ray the workers encode (on
+    --device) and the driver only records the encoder's identity and calibrates the
+    near-duplicate threshold on a few images, on the CPU; locally it encodes everything."""
+    if args.engine != "ray":
+        for flag in ("address", "workers"):
+            if getattr(args, flag) is not None:
+                raise RdmError(f"--{flag} applies to --engine ray only; add --engine ray")
+        if args.threads is not None:
+            _set_threads(args.threads)
+        return args.device
+    return "cpu"
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    if threads < 1:
+        raise RdmError(f"--threads must be positive, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def _ray_engine(args: argparse.Namespace, spec: str):
+    """The Ray engine of --address / --workers / --threads, its workers loading ``spec`` on
+    --device (a whole GPU per worker for a cuda device)."""
+    from functools import partial
+
+    from rdm.encoders import load_encoder
+    from rdm.engines.ray import RayEngine
+
+    return RayEngine(
+        partial(load_encoder, spec, device=args.device),
+        address=args.address,
+        workers=args.workers,
+        threads=args.threads or 1,
+        num_gpus=1.0 if args.device.startswith("cuda") else 0.0,
+    )
 
 
 def run_import(args: argparse.Namespace) -> int:
@@ -323,18 +394,20 @@ def run_neighbors(args: argparse.Namespace) -> int:
 
     db = Database.open(args.dir)
     source = open_source(args.queries)
-    encoder = _load_encoder(args.encoder or db.identity["spec"], args.device)
-    path = compute_neighbors(
-        db,
-        source,
-        args.split,
-        encoder,
-        k=args.k,
-        k_p=args.k_p,
-        exclude_threshold=args.exclude_threshold,
-        batch_size=args.batch_size,
-        out=args.out,
-        progress=not args.no_progress,
-    )
+    spec = args.encoder or db.identity["spec"]
+    encoder = _load_encoder(spec, _driver_device(args))
+    options = {
+        "k": args.k,
+        "k_p": args.k_p,
+        "exclude_threshold": args.exclude_threshold,
+        "batch_size": args.batch_size,
+        "out": args.out,
+        "progress": not args.no_progress,
+    }
+    if args.engine == "ray":
+        with _ray_engine(args, spec) as engine:
+            path = engine.compute_neighbors(db, source, args.split, encoder, **options)
+    else:
+        path = compute_neighbors(db, source, args.split, encoder, **options)
     print(path)
     return 0
