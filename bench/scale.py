@@ -12,12 +12,15 @@ The index step is the build's own (``rdm.db_build.build_and_save_index`` over a
 ``rdm.index.ShardRows`` view of memory-mapped float16 shards), so what is measured is what
 ``rdm db build --memory-budget`` does after encoding.
 
-Memory: a thread samples /proc/self/status every 0.1 s. ``RssAnon`` is memory the process owns
-(heap, numpy and faiss buffers): the figure the budget bounds. ``VmHWM`` (= ru_maxrss) also counts
-file pages mapped into the process (the shards and the on-disk lists while faiss writes them),
-which are page cache the kernel can drop; both are printed.
+Memory: a thread samples /proc/self/status every 0.1 s: ``RssAnon`` (memory the process owns:
+heap, numpy and faiss buffers), ``RssFile`` (file pages mapped into it: shards, on-disk lists,
+libraries) and ``VmRSS`` (their sum, with ``RssShmem``); ``VmHWM`` (the kernel's own peak of
+``VmRSS``, = ``ru_maxrss``) is reset before each phase (``/proc/self/clear_refs``) and read after
+it. The budget bounds the index step's growth of the *whole* resident set, file pages included:
+peak ``VmHWM`` minus the resident set before the step (interpreter and libraries, reported as the
+overhead) must stay under ``--budget``.
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/scale.py --rows 2000000 --budget 1GB \
+    OMP_NUM_THREADS=1 .venv/bin/python bench/scale.py --rows 2000000 --budget 1GB \
         --dir /tmp/rdm-scale
 """
 
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import sys
 import threading
@@ -41,35 +43,59 @@ from rdm.db_build import build_and_save_index
 PAPER_DB, PAPER_QUERIES, PAPER_K = 20_900_000, 1_280_000, 20
 
 
-def status_kb(field: str) -> int:
+def status_kb(*fields: str) -> dict[str, int]:
+    """Fields of /proc/self/status in kB."""
+    out = dict.fromkeys(fields, 0)
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
+            name = line.split(":", 1)[0]
+            if name in out:
+                out[name] = int(line.split()[1])
+    return out
 
 
-class PeakMemory:
-    """Peak RssAnon and VmRSS (kB) sampled every 0.1 s while running."""
+FIELDS = ("RssAnon", "RssFile", "RssShmem", "VmRSS", "VmHWM")
 
-    def __init__(self):
-        self.anon = self.rss = 0
+
+class Memory:
+    """Peaks of RssAnon / RssFile / VmRSS (kB) sampled every 0.1 s while running, a timeline
+    every ``every`` s, and the kernel's VmHWM over the phase (reset when it starts)."""
+
+    def __init__(self, every: float = 5.0):
+        self.peak = dict.fromkeys(FIELDS, 0)
+        self.timeline: list[dict] = []
+        self.every = every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
+        t0 = last = time.perf_counter()
         while not self._stop.is_set():
-            self.anon = max(self.anon, status_kb("RssAnon"))
-            self.rss = max(self.rss, status_kb("VmRSS"))
+            now = status_kb(*FIELDS)
+            self.peak = {k: max(self.peak[k], now[k]) for k in FIELDS}
+            if time.perf_counter() - last >= self.every:
+                last = time.perf_counter()
+                self.timeline.append({"t": round(last - t0, 1), **{k: now[k] for k in FIELDS[:3]}})
             self._stop.wait(0.1)
 
     def __enter__(self):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current VmRSS (Linux >= 4.0)
+        self.before = status_kb(*FIELDS)
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        self.peak["VmHWM"] = status_kb("VmHWM")["VmHWM"]
+
+    def figures(self) -> dict:
+        """MB: the resident set before, the sampled peaks, VmHWM and its growth over before."""
+        mb = {f"before_{k}": v / 1e3 for k, v in self.before.items() if k != "VmHWM"}
+        mb |= {f"peak_{k}": v / 1e3 for k, v in self.peak.items()}
+        mb["VmHWM_minus_before_VmRSS"] = (self.peak["VmHWM"] - self.before["VmRSS"]) / 1e3
+        return mb
 
 
 def mixture(n: int, d: int, centres: np.ndarray, noise: float, seed: int) -> np.ndarray:
@@ -104,6 +130,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", type=Path, default=Path("/tmp/rdm-scale"))
     p.add_argument("--keep", action="store_true", help="keep the shards and index")
+    p.add_argument("--json", type=Path, help="also write the figures to this file")
     args = p.parse_args()
     n, d = args.rows, args.dim
     root = args.dir / f"{n}x{d}"
@@ -123,24 +150,23 @@ def main() -> None:
     for f in ("index.faiss", "index.faiss.ivfdata"):
         (root / f).unlink(missing_ok=True)
     xb = fi.ShardRows([np.load(path, mmap_mode="r") for path in paths])
-    base_anon = status_kb("RssAnon") / 1e3
-    with PeakMemory() as peak:
+    with Memory() as build_mem:
         t = time.perf_counter()
         info = build_and_save_index(root, xb, args.budget, progress=True)
         build_s = time.perf_counter() - t
-    maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
 
     # search: held-out queries against exact search by blocks of the memory-mapped shards
-    index = fi.load_index(root / "index.faiss", fi.IndexSpec(info["type"], info["params"]))
-    t = time.perf_counter()
-    truth = fi.ground_truth(xb, 20, xq=xq)
-    exact_s = time.perf_counter() - t
-    t = time.perf_counter()
-    recall4 = fi.recall_at_k(index, xb, 4, truth)
-    search_s = time.perf_counter() - t  # includes gathering rows to score the answers
-    t = time.perf_counter()
-    fi.search(index, xq, PAPER_K + 8)
-    query_s = (time.perf_counter() - t) / len(xq)
+    with Memory() as search_mem:
+        index = fi.load_index(root / "index.faiss", fi.IndexSpec(info["type"], info["params"]))
+        t = time.perf_counter()
+        truth = fi.ground_truth(xb, 20, xq=xq, chunk=fi.chunk_rows(d, args.budget))
+        exact_s = time.perf_counter() - t
+        t = time.perf_counter()
+        recall4 = fi.recall_at_k(index, xb, 4, truth)
+        search_s = time.perf_counter() - t  # includes gathering rows to score the answers
+        t = time.perf_counter()
+        fi.search(index, xq, PAPER_K + 8)
+        query_s = (time.perf_counter() - t) / len(xq)
     disk = sum(path.stat().st_size for path in paths)
     index_disk = sum((root / f).stat().st_size for f in ("index.faiss", "index.faiss.ivfdata")
                      if (root / f).is_file())  # fmt: skip
@@ -153,9 +179,10 @@ def main() -> None:
         "recall_by_k_tuning": info["recall_by_k"],
         "recall_at_4_held_out": recall4,
         "build_s": build_s,
-        "peak_anon_mb": peak.anon / 1e3,
-        "anon_before_build_mb": base_anon,
-        "peak_rss_incl_file_pages_mb": max(peak.rss / 1e3, maxrss_mb),
+        "build_memory_mb": build_mem.figures(),
+        "build_within_budget": build_mem.figures()["VmHWM_minus_before_VmRSS"] * 1e6 <= args.budget,
+        "search_memory_mb": search_mem.figures(),
+        "build_timeline_kb": build_mem.timeline,
         "shards_bytes_per_vector": disk / n,
         "index_disk_bytes_per_vector": index_disk / n,
         "index_ram_bytes": fi.IndexSpec(info["type"], info["params"]).memory_bytes(n, d),
@@ -164,6 +191,8 @@ def main() -> None:
         "recall_eval_s": search_s,
     }
     print(json.dumps(figures, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
     arithmetic(figures)
     if not args.keep:
         shutil.rmtree(root)

@@ -120,3 +120,52 @@ def test_on_disk_neighbours_match_in_memory_within_the_recorded_recall(dbs, tmp_
     assert found >= recorded - 0.05  # other queries than the tuning ones: a margin
     # whatever the index found is scored exactly (float16 codes): no score is above the truth
     assert (approx.nn_scores <= exact.nn_scores[:, :1] + 1e-6).all()
+
+
+def mapped_kb(lists) -> int:
+    """Resident kB of faiss's mapping of on-disk ``lists`` in this process (/proc/self/smaps)."""
+    start, inside = int(lists.ptr), False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:  # a mapping's header line: its address range
+                inside = int(head.split("-")[0], 16) == start
+            elif inside and line.startswith("Rss:"):
+                return int(line.split()[1])
+    raise AssertionError("the lists are not mapped")
+
+
+def test_on_disk_lists_are_faiss_own_and_searching_them_stays_unmapped(tmp_path, monkeypatch):
+    """The lists written with pwrite hold, cell by cell, the codes and ids faiss's own add
+    stores; searching releases the pages it touched, so the process never holds the file."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    xb = rng.standard_normal((3000, 64)).astype(np.float32)
+    xb = (xb / np.linalg.norm(xb, axis=1, keepdims=True)).astype(np.float16)
+    spec = fi.IndexSpec("ivf", {"nlist": 8, "nprobe": 8, "on_disk": True})
+    data = tmp_path / "index.faiss.ivfdata"
+    index = fi.build_index(xb, spec, seed=1, data_path=data, chunk=1024)  # 3 chunks
+    reference = fi.build_index(xb, fi.IndexSpec("ivf", {"nlist": 8, "nprobe": 8}), seed=1)
+    ours = faiss.downcast_InvertedLists(fi._ivf_of(index).invlists)
+    theirs = fi._ivf_of(reference).invlists
+    assert isinstance(ours, faiss.OnDiskInvertedLists) and index.ntotal == 3000
+    for c in range(8):
+        n = theirs.list_size(c)
+        assert ours.list_size(c) == n > 0
+        codes = faiss.rev_swig_ptr(theirs.get_codes(c), n * index.code_size).tobytes()
+        ids = faiss.rev_swig_ptr(theirs.get_ids(c), n).tobytes()
+        assert faiss.rev_swig_ptr(ours.get_codes(c), n * index.code_size).tobytes() == codes
+        assert faiss.rev_swig_ptr(ours.get_ids(c), n).tobytes() == ids
+    assert data.stat().st_size == 3000 * (index.code_size + 8)
+
+    fi.save_index(index, tmp_path / "index.faiss")
+    loaded = fi.load_index(tmp_path / "index.faiss", spec)
+    monkeypatch.setattr(fi, "ON_DISK_SEARCH_BYTES", 1)  # release after every query
+    D, _ = fi.search(loaded, xb[:50], 5)  # nprobe = nlist: every page of the file is read
+    D_ref, _ = fi.exact_search(xb, xb[:50], 5)
+    np.testing.assert_allclose(D, D_ref, atol=1e-5)
+    lists = fi.on_disk_lists(loaded)
+    assert lists.read_only and mapped_kb(lists) <= 8  # ~400 kB were read; ≤ 2 pages resident
+    loaded.search(fi._f32(xb[:50]), 5)  # faiss's own search alone leaves all of it resident
+    assert mapped_kb(lists) > 300

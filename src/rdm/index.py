@@ -15,8 +15,9 @@ Which index, by size and memory budget (:func:`choose_index`):
 - ``ivf`` on disk, when not even that fits: ``IndexIVFScalarQuantizer`` with float16 codes of
   the vectors themselves (not residuals, so a code *is* the stored float16 vector and scores
   inside the probed cells are exact), its inverted lists in ``index.ivfdata`` beside the index
-  file (faiss ``OnDiskInvertedLists``, built with ``faiss.contrib.ondisk.merge_ondisk``) and
-  memory-mapped when searched. RAM holds only the centroids; recall depends on ``nprobe`` alone.
+  file (faiss ``OnDiskInvertedLists``, written here with ``pwrite`` in two passes over the rows:
+  :func:`_fill_on_disk`) and memory-mapped when searched. RAM holds only the centroids; recall
+  depends on ``nprobe`` alone.
 
 Why one on-disk IVF rather than several smaller indexes searched together: the coarse quantizer
 is searched once per query and each probed cell is one contiguous run of the file (one read),
@@ -31,6 +32,14 @@ the first rows, which in a database sorted by source or crawl order are a biased
 filled in chunks read from ``xb``, which may be a memory map or a :class:`ShardRows` view over
 the shards, so no step holds all vectors in RAM.
 
+Resident memory is bounded too, not only what the process allocates: file pages mapped into the
+process count in its resident set (``VmRSS`` / ``VmHWM``) until unmapped or released, page cache
+or not. So nothing here maps a whole file and walks it: the shards are released after every read
+(:class:`ShardRows`), the on-disk lists are written with ``pwrite`` rather than through faiss's
+read-write mapping of the whole file (``merge_ondisk`` makes the process resident in all of it),
+and searching on-disk lists releases the pages it touched after every few queries
+(:func:`search`, :func:`release_lists`).
+
 Approximate indexes get their search knobs (``efSearch``; ``nprobe`` and ``k_factor``) tuned after
 the build until sampled queries reach :data:`TARGET_RECALL` against exact search
 (:func:`tune_index`). Where ``faiss`` has GPU support and a GPU is present, in-memory indexes are
@@ -39,11 +48,11 @@ searched on it (:func:`to_gpu`); never required.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
 import os
 import sys
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,14 +68,16 @@ EXACT_MAX_N = 200_000
 TARGET_RECALL = 0.95
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 40
-#: rows handed to FAISS per call while adding / scanning, to bound float32 copies (~128 MB at d=512)
+#: rows handed to FAISS per call while adding / scanning, to bound float32 copies (~128 MB at d=512);
+#: fewer under a small memory budget (:func:`chunk_rows`)
 CHUNK = 65_536
 #: training rows per IVF cell (FAISS wants ≥ 39), sampled uniformly at random
 TRAIN_PER_CELL = 40
 #: the on-disk inverted lists, beside the index file
 IVFDATA_SUFFIX = ".ivfdata"
-#: rows per block of an on-disk build: its lists are held in RAM (~265 MB at d=512) until written
-ON_DISK_BLOCK = 262_144
+#: bytes of on-disk lists one search call may touch before its pages are released (nprobe cells
+#: of the average size per query)
+ON_DISK_SEARCH_BYTES = 64 << 20
 
 
 class FaissIndexError(RdmError):
@@ -150,8 +161,9 @@ def choose_index(n: int, d: int, memory_budget_bytes: float) -> IndexSpec:
         if n * spec.bytes_per_vector(d) + centroid_bytes <= memory_budget_bytes:
             return spec
     # On disk: RAM holds the centroids and, while training, a float32 sample of 40 rows per
-    # cell; both must fit a quarter of the budget (the rest: one chunk being added, the shards'
-    # pages, the interpreter), which caps the number of cells.
+    # cell; both must fit a quarter of the budget (the rest: k-means' own arrays, one chunk being
+    # added (chunk_rows: an eighth), the (N,) int32 cell of every row while the lists are
+    # written, the interpreter and libraries), which caps the number of cells.
     nlist = max(1, min(nlist, int(memory_budget_bytes / 4 / (4 * d * TRAIN_PER_CELL))))
     if 4 * 4 * d * training_size(n, nlist) > memory_budget_bytes:
         raise FaissIndexError(
@@ -179,11 +191,16 @@ def pq_subquantizers(d: int) -> int:
 
 
 def build_index(
-    xb: np.ndarray, spec: IndexSpec, *, seed: int = 0, data_path: str | Path | None = None
+    xb: np.ndarray,
+    spec: IndexSpec,
+    *,
+    seed: int = 0,
+    data_path: str | Path | None = None,
+    chunk: int = CHUNK,
 ):
     """Build the index of ``spec`` over ``xb`` (N, d) unit-norm rows (float16/float32, may be a
     memmap or a :class:`ShardRows` view): trained on :func:`training_rows` of ``seed``, then
-    filled in chunks so only one float32 chunk is materialised at a time.
+    filled in chunks of ``chunk`` rows so only one float32 chunk is materialised at a time.
 
     An on-disk spec writes its inverted lists to ``data_path`` (required then; name it
     ``<index file>`` + :data:`IVFDATA_SUFFIX`: the index file refers to it by that name)."""
@@ -205,16 +222,24 @@ def build_index(
         ivf.by_residual = False  # codes are the float16 vectors themselves: exact scores
         ivf.cp.seed = seed
     if spec.type in ("ivfpq", "ivf"):
-        index.train(_f32(xb[training_rows(n, training_size(n, spec.params["nlist"]), seed)]))
+        rows = training_rows(n, training_size(n, spec.params["nlist"]), seed)
+        index.train(_f32_rows(xb, rows, chunk))
     if spec.on_disk:
         if data_path is None:
             raise FaissIndexError("an on-disk index needs data_path for its inverted lists")
-        _fill_on_disk(index, xb, Path(data_path))
+        _fill_on_disk(index, xb, Path(data_path), chunk)
     else:
-        for start in range(0, n, CHUNK):
-            index.add(_f32(xb[start : start + CHUNK]))
+        for start in range(0, n, chunk):
+            index.add(_f32(xb[start : start + chunk]))
     set_search_params(index, spec)
     return index
+
+
+def chunk_rows(d: int, memory_budget: float) -> int:
+    """Rows per chunk under ``memory_budget``: a chunk's float32 copy and what is made from it
+    (codes, a sorted copy: about three float32 copies) take at most an eighth of the budget;
+    between 1024 and :data:`CHUNK` rows."""
+    return int(min(CHUNK, max(1024, memory_budget / 8 / (3 * 4 * d))))
 
 
 def training_size(n: int, nlist: int) -> int:
@@ -228,30 +253,60 @@ def training_rows(n: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
 
 
-def _fill_on_disk(trained, xb, data_path: Path) -> None:
-    """Add ``xb`` to the trained on-disk ``trained`` index in blocks: each block is an ordinary
-    IVF index (its lists in RAM, ``ON_DISK_BLOCK`` rows at most) written to a temporary file;
-    then faiss merges the block files, memory-mapped, into one ``OnDiskInvertedLists`` file at
-    ``data_path`` (faiss.contrib.ondisk.merge_ondisk) and the block files are deleted."""
+def _fill_on_disk(trained, xb, data_path: Path, chunk: int) -> None:
+    """Fill the trained on-disk ``trained`` index with ``xb``: its lists are written to
+    ``data_path`` in faiss's ``OnDiskInvertedLists`` layout, which is what
+    ``faiss.contrib.ondisk.merge_ondisk`` writes: cell after cell, each its ``size`` codes then
+    its ``size`` int64 ids, rows in ascending order within a cell.
+
+    Two passes over ``xb`` in chunks: the first finds every row's cell ((N,) int32, the only
+    per-row array held), which fixes where each cell starts; the second encodes each chunk and
+    ``pwrite``s its rows, grouped by cell, behind those already written. Written pages go to the
+    page cache and are never mapped into this process, where faiss's own merge maps the whole
+    file read-write and so makes the process resident in all of it. The file is then mapped
+    read-only for the tuning searches, whose pages :func:`search` releases."""
     import faiss
-    from faiss.contrib.ondisk import merge_ondisk
 
     n = xb.shape[0]
-    with tempfile.TemporaryDirectory(dir=data_path.parent, prefix=".ivf-blocks-") as tmp:
-        names = []
-        for b, start in enumerate(range(0, n, ON_DISK_BLOCK)):
-            block = faiss.clone_index(trained)
-            for s in range(start, min(start + ON_DISK_BLOCK, n), CHUNK):
-                stop = min(s + CHUNK, start + ON_DISK_BLOCK, n)
-                block.add_with_ids(_f32(xb[s:stop]), np.arange(s, stop, dtype=np.int64))
-            names.append(os.path.join(tmp, f"block-{b:05d}.index"))
-            faiss.write_index(block, names[-1])
-            del block
-        with _c_stdout_to_stderr():  # faiss printf()s "resizing ..." while merging
-            merge_ondisk(trained, names, str(data_path))
+    ivf = _ivf_of(trained)
+    nlist, code_size = ivf.nlist, ivf.code_size
+    cells = np.empty(n, np.int32)  # (N,) the cell of each row
+    for start in range(0, n, chunk):
+        _, assign = ivf.quantizer.search(_f32(xb[start : start + chunk]), 1)  # (c, 1)
+        cells[start : start + len(assign)] = assign[:, 0]
+    sizes = np.bincount(cells, minlength=nlist).astype(np.uint64)  # (nlist,)
+    begins = np.concatenate([[0], np.cumsum(sizes * (code_size + 8))[:-1]]).astype(np.int64)
+    total = int(sizes.sum()) * (code_size + 8)
+    written = np.zeros(nlist, np.int64)  # rows of each cell written so far
+    fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, total)
+        for start in range(0, n, chunk):
+            x = _f32(xb[start : start + chunk])  # (c, d)
+            codes = ivf.sq.compute_codes(x)  # (c, code_size) uint8: what faiss's add stores
+            order = np.argsort(cells[start : start + len(x)], kind="stable")  # by cell, then row
+            cell = cells[start : start + len(x)][order]
+            codes, ids = codes[order], np.arange(start, start + len(x), dtype="<i8")[order]
+            cuts = np.flatnonzero(np.diff(cell)) + 1
+            for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(cell)], strict=True):
+                c, at = int(cell[a]), int(written[cell[a]])
+                os.pwrite(fd, codes[a:b], int(begins[c]) + at * code_size)
+                os.pwrite(fd, ids[a:b], int(begins[c] + sizes[c] * code_size) + at * 8)
+                written[c] += b - a
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    lists = faiss.OnDiskInvertedLists(nlist, code_size, str(data_path))
+    lists.set_all_lists_sizes(faiss.swig_ptr(sizes))  # offsets as computed above
+    lists.totsize, lists.read_only = total, True
+    lists.do_mmap()  # read-only, for the tuning searches
+    _no_prefetch(lists)
     # the index file names its lists file; only the base name is kept, and load_index looks for
     # it beside the index file (IO_FLAG_ONDISK_SAME_DIR), so the database directory can move
-    faiss.downcast_InvertedLists(_ivf_of(trained).invlists).filename = data_path.name
+    lists.filename = data_path.name
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # owned by the index now
+    trained.ntotal = ivf.ntotal = n
 
 
 def set_search_params(index, spec: IndexSpec) -> None:
@@ -297,9 +352,19 @@ def load_index(path: str | Path, spec: IndexSpec | None = None):
             f"index file {path} cannot be read ({str(exc).splitlines()[0]}); it is damaged or "
             "truncated: rebuild the database"
         ) from None
+    lists = on_disk_lists(index)
+    if lists is not None:
+        _no_prefetch(lists)
     if spec is not None:
         set_search_params(index, spec)
     return index
+
+
+def _no_prefetch(lists) -> None:
+    """Turn off faiss's prefetch threads for on-disk ``lists``: they read the probed cells in
+    the background, also after a search returned, so pages released by :func:`search` would be
+    faulted back in behind it."""
+    lists.prefetch_nthread = 0
 
 
 def data_path_of(path: str | Path) -> Path:
@@ -342,27 +407,72 @@ def to_gpu(index, spec: IndexSpec):
 
 
 def search(index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` by inner product: ``xq`` (B, d) -> ``D`` (B, k) float32, ``I`` (B, k) int64."""
+    """Top-``k`` by inner product: ``xq`` (B, d) -> ``D`` (B, k) float32, ``I`` (B, k) int64.
+
+    An index with on-disk lists is searched a few queries at a time (about
+    :data:`ON_DISK_SEARCH_BYTES` of probed cells per call), and the pages of the lists each call
+    touched are released before the next (:func:`release_lists`)."""
     xq = _f32(np.atleast_2d(xq))
     if xq.shape[1] != index.d:
         raise FaissIndexError(f"queries have dimension {xq.shape[1]} but the index has {index.d}")
     if k < 1:
         raise FaissIndexError(f"k must be at least 1, got {k}")
-    D, I = index.search(xq, k)
-    return D, I.astype(np.int64, copy=False)
+    lists = on_disk_lists(index)
+    if lists is None:
+        D, I = index.search(xq, k)
+        return D, I.astype(np.int64, copy=False)
+    import faiss
+
+    nprobe = faiss.extract_index_ivf(index).nprobe
+    per_query = max(1.0, nprobe * lists.totsize / max(lists.nlist, 1))  # bytes probed per query
+    step = max(1, int(ON_DISK_SEARCH_BYTES / per_query))
+    D = np.empty((len(xq), k), np.float32)
+    I = np.empty((len(xq), k), np.int64)
+    for start in range(0, len(xq), step):
+        D[start : start + step], I[start : start + step] = index.search(xq[start : start + step], k)
+        release_lists(lists)
+    return D, I
 
 
-def exact_search(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def on_disk_lists(index):
+    """The memory-mapped ``OnDiskInvertedLists`` of an IVF index, or None (other kinds)."""
+    import faiss
+
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an IVF index (flat, HNSW)
+        return None
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
+
+
+def release_lists(lists) -> None:
+    """Drop the pages of memory-mapped on-disk lists from this process (``MADV_DONTNEED`` on
+    faiss's shared, read-only mapping of the whole file: the page cache keeps them, the next
+    search faults them back in), so searching all cells never makes the process resident in all
+    of the file. No-op where the lists are not mapped."""
+    address = int(lists.ptr) if lists.ptr is not None else 0
+    if address and lists.totsize:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        if libc.madvise(address, lists.totsize, mmap.MADV_DONTNEED) != 0:
+            raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) of on-disk lists failed")
+
+
+def exact_search(
+    xb: np.ndarray, xq: np.ndarray, k: int, chunk: int = CHUNK
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` by brute force, the reference for recall: faiss.contrib's
     ``knn_ground_truth`` (a flat inner-product scan per chunk of ``xb``, merged in a result heap),
-    so only one float32 chunk of a float16 memmap is materialised at a time. Same ``(D, I)``
+    so only one float32 chunk (``chunk`` rows) of a float16 memmap is materialised at a time
+    (twice: ours and the flat index's copy). Same ``(D, I)``
     convention as :func:`search`, sorted by score then row."""
     import faiss
     from faiss.contrib.exhaustive_search import knn_ground_truth
 
     xq = _f32(np.atleast_2d(xq))
     k = min(k, xb.shape[0])
-    chunks = (_f32(xb[start : start + CHUNK]) for start in range(0, xb.shape[0], CHUNK))
+    chunks = (_f32(xb[start : start + chunk]) for start in range(0, xb.shape[0], chunk))
     ngpu = -1 if gpu_available() else 0
     D, I = knn_ground_truth(xq, chunks, k, metric_type=faiss.METRIC_INNER_PRODUCT, ngpu=ngpu)
     order = np.lexsort((I, -D), axis=1)  # by score descending, then row ascending
@@ -382,7 +492,12 @@ class GroundTruth:
 
 
 def ground_truth(
-    xb: np.ndarray, k: int, n_queries: int = 1000, seed: int = 0, xq: np.ndarray | None = None
+    xb: np.ndarray,
+    k: int,
+    n_queries: int = 1000,
+    seed: int = 0,
+    xq: np.ndarray | None = None,
+    chunk: int = CHUNK,
 ) -> GroundTruth:
     """Exact top-k for recall queries: ``xq[:n_queries]`` when given (held out), else
     ``n_queries`` rows sampled from ``xb``, whose own row is then left out of the answers (it is
@@ -390,11 +505,11 @@ def ground_truth(
     n = xb.shape[0]
     if xq is not None:
         queries = _f32(xq[:n_queries])
-        return GroundTruth(queries, None, exact_search(xb, queries, min(k, n))[0])
+        return GroundTruth(queries, None, exact_search(xb, queries, min(k, n), chunk)[0])
     rows = np.sort(np.random.default_rng(seed).choice(n, min(n_queries, n), replace=False))
     queries = _f32(xb[rows])
     width = min(k, n - 1)
-    D, I = exact_search(xb, queries, width + 1)
+    D, I = exact_search(xb, queries, width + 1, chunk)
     # drop the query's own row (or, if an exact duplicate outranked it, the last answer)
     D = np.stack([d[i != r][:width] for d, i, r in zip(D, I, rows, strict=True)])
     return GroundTruth(queries, rows, D)
@@ -440,6 +555,7 @@ def tune_index(
     target: float = TARGET_RECALL,
     n_queries: int = 1000,
     seed: int = 0,
+    chunk: int = CHUNK,
 ) -> tuple[IndexSpec, dict[int, float]]:
     """Raise the search knobs of an approximate index until recall@k reaches ``target`` for every
     k in ``ks``, on ``n_queries`` database rows sampled with ``seed``.
@@ -450,7 +566,7 @@ def tune_index(
     limits (nlist, 64). Returns the tuned spec (applied to ``index``) and its recall per k."""
     if spec.type == "flat":
         return spec, {k: 1.0 for k in ks}
-    truth = ground_truth(xb, max(ks), n_queries, seed)
+    truth = ground_truth(xb, max(ks), n_queries, seed, chunk=chunk)
 
     def recalls(params: dict) -> dict[int, float]:
         set_search_params(index, IndexSpec(spec.type, params))
@@ -552,6 +668,30 @@ class ShardRows:
         return np.asarray(rows)
 
 
+class MappedShards:
+    """(n_i, d) ``.npy`` files as a sequence of read-only memory maps, at most ``keep`` of them
+    mapped at a time (the least recently read is closed first): each map holds a file
+    descriptor, and a database of thousands of shards would pass the open-file limit."""
+
+    def __init__(self, paths, keep: int = 16):
+        self.paths = [Path(p) for p in paths]
+        self.keep = keep
+        self._open: dict[int, np.ndarray] = {}  # insertion order = least recently read first
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, s: int) -> np.ndarray:
+        s = int(s)
+        if s in self._open:
+            self._open[s] = self._open.pop(s)  # most recently read now
+        else:
+            while len(self._open) >= self.keep:
+                self._open.pop(next(iter(self._open)))  # unmapped once no view is left
+            self._open[s] = np.load(self.paths[s], mmap_mode="r", allow_pickle=False)
+        return self._open[s]
+
+
 class UnitRows(ShardRows):
     """:class:`ShardRows` whose reads are float32 rows divided by their norms.
 
@@ -591,6 +731,15 @@ def _c_stdout_to_stderr():
 
 def _f32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _f32_rows(xb, rows: np.ndarray, chunk: int) -> np.ndarray:
+    """``xb[rows]`` as one float32 array, gathered ``chunk`` rows at a time (no float16 copy of
+    all of them beside the float32 one)."""
+    out = np.empty((len(rows), xb.shape[1]), np.float32)
+    for start in range(0, len(rows), chunk):
+        out[start : start + chunk] = xb[rows[start : start + chunk]]
+    return out
 
 
 def _ivf_of(index):
