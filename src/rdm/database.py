@@ -77,22 +77,43 @@ def ids_sha256(ids: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(ids, "<i8").tobytes()).hexdigest()
 
 
+class IdsDigest:
+    """:func:`ids_sha256` and the count of ids given in consecutive chunks, so a build can hash
+    its rows' ids without holding them all."""
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+        self.count = 0
+
+    def update(self, ids: np.ndarray) -> None:
+        self._sha.update(np.ascontiguousarray(ids, "<i8").tobytes())
+        self.count += len(ids)
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
 def content_identity(
-    source: dict, row_ids: np.ndarray, encoder: dict, vectors: str = VECTORS
+    source: dict, row_ids: np.ndarray | IdsDigest, encoder: dict, vectors: str = VECTORS
 ) -> dict:
     """What a database holds, independent of the exact bytes of its embeddings.
 
     ``source``: the manifest's ``{spec, split, db_fraction}``; ``row_ids`` (N,) the source ids of
-    its rows (the split's ids minus the skipped ones); ``encoder``: the encoder identity, reduced
-    to :func:`rdm.encoders.identity_fingerprint` (what it computes, not where it was loaded);
-    ``vectors``: how the stored vectors were made (imports keep theirs: rdm.official.db_import)."""
+    its rows (the split's ids minus the skipped ones), or their :class:`IdsDigest`; ``encoder``:
+    the encoder identity, reduced to :func:`rdm.encoders.identity_fingerprint` (what it
+    computes, not where it was loaded); ``vectors``: how the stored vectors were made (imports
+    keep theirs: rdm.official.db_import)."""
+    if not isinstance(row_ids, IdsDigest):
+        digest = IdsDigest()
+        digest.update(row_ids)
+        row_ids = digest
     return {
         "format": IDENTITY_FORMAT,
         "source": source["spec"],
         "split": source["split"],
         "db_fraction": float(source["db_fraction"]),
-        "rows": int(len(row_ids)),
-        "ids_sha256": ids_sha256(row_ids),
+        "rows": int(row_ids.count),
+        "ids_sha256": row_ids.hexdigest(),
         "encoder": identity_fingerprint(encoder),
         "vectors": vectors,
     }
@@ -216,11 +237,13 @@ class Database:
 
     @cached_property
     def metadata(self):
-        """The metadata table (pyarrow): row, id, key, caption, content_hash, split."""
+        """The whole metadata table (pyarrow): row, id, key, caption, content_hash, split. For
+        small databases and inspection: the build, search and neighbour paths read single
+        columns (:attr:`ids`, :attr:`content_hashes`), never the whole table."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        path = self._checked_file(self.manifest["metadata"], "metadata")
+        path = self._metadata_path
         try:
             return pq.read_table(path)
         except (OSError, pa.ArrowException) as exc:
@@ -229,25 +252,52 @@ class Database:
             ) from None
 
     @cached_property
+    def _metadata_path(self) -> Path:
+        """metadata.parquet, checked against its sha256 once."""
+        return self._checked_file(self.manifest["metadata"], "metadata")
+
+    def _column(self, name: str):
+        """One metadata column (a pyarrow ChunkedArray), read alone from the parquet file."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = self._metadata_path
+        try:
+            return pq.read_table(path, columns=[name]).column(name)
+        except (OSError, pa.ArrowException, KeyError) as exc:
+            raise DatabaseError(
+                f"metadata {path} cannot be read ({exc}); {self.rebuild_hint()}"
+            ) from None
+
+    @cached_property
     def ids(self) -> np.ndarray:
-        """(N,) int64 source ids, ascending; ``ids[row]`` is the id of a row."""
-        return self.metadata.column("id").to_numpy().astype(np.int64)
+        """(N,) int64 source ids, ascending; ``ids[row]`` is the id of a row (8 bytes a row)."""
+        return self._column("id").to_numpy().astype(np.int64)
 
     @cached_property
     def keys(self) -> list[str]:
-        return self.metadata.column("key").to_pylist()
+        return self._column("key").to_pylist()
 
     @cached_property
     def captions(self) -> list[str]:
-        return self.metadata.column("caption").to_pylist()
+        return self._column("caption").to_pylist()
 
     @cached_property
-    def content_hashes(self) -> np.ndarray | None:
-        """(N,) content hash of each row's pixels, or None for a database built before rdm
-        recorded them (rebuild it to enable exact-duplicate exclusion)."""
-        if "content_hash" not in self.metadata.column_names:
-            return None
-        return np.asarray(self.metadata.column("content_hash").to_pylist(), dtype=object)
+    def content_hashes(self) -> ContentHashes | None:
+        """The content hash of each row's pixels (:class:`ContentHashes`: 8 bytes a row in RAM),
+        or None for a database built before rdm recorded them (rebuild it to enable exact-
+        duplicate exclusion)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = self._metadata_path
+        try:
+            names = pq.read_schema(path).names
+        except (OSError, pa.ArrowException) as exc:
+            raise DatabaseError(
+                f"metadata {path} cannot be read ({exc}); {self.rebuild_hint()}"
+            ) from None
+        return ContentHashes(path, self.count) if "content_hash" in names else None
 
     def rows_of(self, ids) -> np.ndarray:
         """Rows holding source ``ids``; a :class:`DatabaseError` names ids the database lacks."""
@@ -291,11 +341,18 @@ class Database:
         return faiss_index.UnitRows(_Shards(self), lengths, self.dim, np.float16)
 
     def _shard(self, s: int) -> np.ndarray:
-        """Shard ``s`` (rows, d) float16, memory-mapped; checked against its sha256 on first use."""
-        cache = self.__dict__.setdefault("_shards", {})
-        if s not in cache:
-            cache[s] = self._read_shard(self.manifest["shards"][s])
-        return cache[s]
+        """Shard ``s`` (rows, d) float16, memory-mapped; checked against its sha256 on first use.
+        A few shards stay mapped (:class:`rdm.index.MappedShards`: each map holds a file
+        descriptor); one evicted is mapped again when read again, not checked again."""
+        checked = self.__dict__.setdefault("_checked_shards", set())
+        if s not in checked:
+            self._read_shard(self.manifest["shards"][s])
+            checked.add(s)
+        return self._mapped_shards[s]
+
+    @cached_property
+    def _mapped_shards(self) -> faiss_index.MappedShards:
+        return faiss_index.MappedShards([self.root / e["file"] for e in self.manifest["shards"]])
 
     # -- search --
 
@@ -394,6 +451,129 @@ class _Shards:
         return self.db._shard(int(s))
 
 
+# ---- content hashes -----------------------------------------------------------------------------
+
+
+class ContentHashes:
+    """The ``content_hash`` column of a database (hex sha256 of each row's decoded pixels,
+    rdm.embedding.content_hash; "" where unknown), held compactly for duplicate exclusion.
+
+    :attr:`codes` (N,) uint64 are the first 8 bytes of each hash (0 = no hash), streamed from
+    the parquet file one row group at a time: 8 bytes a row in RAM (167 MB at 20.9M rows) where
+    the strings took ~90. Equal hashes have equal codes; :meth:`matches` compares codes first and
+    confirms every pair whose codes agree with the full strings, read from the parquet row groups
+    holding those rows, so an exclusion is never decided on 64 bits alone.
+
+    ``hashes[rows]`` gives the full strings (any key numpy accepts: a row, rows, a slice)."""
+
+    #: rows per batch when streaming the column
+    BATCH = 65_536
+
+    def __init__(self, path: Path, count: int):
+        self.path = Path(path)
+        self.count = count
+        self._group: tuple[int, list[str]] | None = None  # the last row group read
+
+    def __len__(self) -> int:
+        return self.count
+
+    @cached_property
+    def codes(self) -> np.ndarray:
+        """(N,) uint64: the first 8 bytes of each row's hash, 0 for a row without one."""
+        out = np.empty(self.count, np.uint64)
+        at = 0
+        for batch in self._file.iter_batches(batch_size=self.BATCH, columns=["content_hash"]):
+            codes = hash_codes(batch.column(0).to_pylist())
+            out[at : at + len(codes)] = codes
+            at += len(codes)
+        if at != self.count:
+            raise DatabaseError(f"metadata {self.path} holds {at} rows, expected {self.count}")
+        return out
+
+    def __getitem__(self, key) -> str | np.ndarray:
+        rows = np.arange(self.count)[key]
+        if np.ndim(rows) == 0:
+            return str(self.strings(np.array([rows]))[0])
+        return self.strings(rows.ravel()).reshape(rows.shape)
+
+    def strings(self, rows: np.ndarray) -> np.ndarray:
+        """(n,) object array of the full hashes of ``rows``, read by row group."""
+        rows = np.asarray(rows, np.int64)
+        out = np.empty(len(rows), dtype=object)
+        group_of = np.searchsorted(self._group_starts, rows, side="right") - 1
+        for g in np.unique(group_of):
+            where = np.flatnonzero(group_of == g)
+            values = self._read_group(int(g))
+            out[where] = [values[r] for r in rows[where] - self._group_starts[g]]
+        return out
+
+    def matches(self, rows: np.ndarray, hashes) -> np.ndarray:
+        """(B, m) bool: whether the stored hash of ``rows[b, j]`` is ``hashes[b]`` (hex
+        strings; a row without a hash matches nothing)."""
+        rows = np.asarray(rows, np.int64)
+        given = np.asarray(hashes, dtype=object)  # (B,)
+        stored = self.codes[rows]  # (B, m)
+        same = (stored == hash_codes(list(given))[:, None]) & (stored != 0)
+        b, j = np.nonzero(same)
+        if len(b):  # confirm on the full strings: no exclusion on a 64-bit coincidence
+            same[b, j] = self.strings(rows[b, j]) == given[b]
+        return same
+
+    def same_as_rows(self, rows: np.ndarray, of: np.ndarray) -> np.ndarray:
+        """(B, m) bool: whether ``rows[b, j]`` holds the same (non-empty) hash as row ``of[b]``."""
+        rows, of = np.asarray(rows, np.int64), np.asarray(of, np.int64)
+        stored = self.codes[rows]  # (B, m)
+        same = (stored == self.codes[of][:, None]) & (stored != 0)
+        b, j = np.nonzero(same)
+        if len(b):
+            same[b, j] = self.strings(rows[b, j]) == self.strings(of[b])
+        return same
+
+    @cached_property
+    def _file(self):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.path)
+
+    @cached_property
+    def _group_starts(self) -> np.ndarray:
+        meta = self._file.metadata
+        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        return np.cumsum([0] + sizes)  # (G + 1,)
+
+    def _read_group(self, g: int) -> list[str]:
+        if self._group is None or self._group[0] != g:
+            table = self._file.read_row_group(g, columns=["content_hash"])
+            self._group = (g, table.column(0).to_pylist())
+        return self._group[1]
+
+
+#: hex digit values by ASCII code; any other byte counts by its low 4 bits (codes only need to
+#: be equal for equal strings: every match is confirmed on the strings)
+_HEX = np.arange(256, dtype=np.uint64) & np.uint64(15)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10, dtype=np.uint64)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16, dtype=np.uint64)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint64)
+
+
+def hash_codes(hashes: list[str]) -> np.ndarray:
+    """(n,) uint64: the first 8 bytes of each hex hash (its first 16 hex digits), 0 for "" and
+    1 for a non-empty hash whose first 8 bytes are 0 (0 is kept for "no hash")."""
+    try:
+        chars = np.asarray(hashes, dtype="S16")  # first 16 characters, NUL-padded
+    except UnicodeEncodeError:  # not ASCII: not an rdm hash; code its UTF-8 bytes instead
+        chars = np.asarray([h.encode()[:16] for h in hashes], dtype="S16")
+    nibbles = _HEX[chars.reshape(-1, 1).view(np.uint8)]  # (n, 16), most significant first
+    nibbles[chars.reshape(-1, 1).view(np.uint8) == 0] = 0  # NUL padding of short strings
+    codes = np.zeros(len(chars), np.uint64)
+    for i in range(16):
+        codes = (codes << np.uint64(4)) | nibbles[:, i]
+    empty = np.array([not h for h in hashes], dtype=bool)
+    codes[(codes == 0) & ~empty] = 1
+    codes[empty] = 0
+    return codes
+
+
 def _shard_problem(path: Path, rows: int, dim: int) -> str | None:
     """What is wrong with a shard file's header (None when it is float16 (rows, dim))."""
     try:
@@ -478,7 +658,7 @@ def _verify_metadata(db: Database) -> list[str]:
     if sha256_file(path) != db.manifest["metadata"]["sha256"]:
         return [f"{path} does not match its checksum (modified?)"]
     problems = []
-    rows = db.metadata.column("row").to_numpy()
+    rows = db._column("row").to_numpy()
     if len(rows) != db.count or not np.array_equal(rows, np.arange(db.count)):
         problems.append(f"{path} rows are not 0..{db.count - 1}")
     if len(np.unique(db.ids)) != len(db.ids) or np.any(np.diff(db.ids) < 0):

@@ -35,6 +35,7 @@ from rdm.database import (
     METADATA,
     SKIPPED,
     DatabaseError,
+    IdsDigest,
     checksum_of,
     content_identity,
     fingerprint_of,
@@ -44,7 +45,7 @@ from rdm.database import (
 )
 from rdm.embedding import encode_source
 from rdm.encoders import Encoder, describe_identity, identity_fingerprint
-from rdm.io import atomic_write, require_writable, save_npy, sha256_file, write_json, write_text
+from rdm.io import atomic_write, require_writable, save_npy, sha256_file, write_json
 
 #: default memory budget for the index (the --memory-budget of `rdm db build`)
 DEFAULT_MEMORY_BUDGET = 2_000_000_000
@@ -264,34 +265,39 @@ def _finish(
     progress: bool,
 ) -> None:
     """All shards done: move them into place, write metadata, index and (last) the manifest.
-    Every step can be redone, so a build killed here also resumes."""
-    records = [read_json(_shard_record_path(out, s), "shard record") for s in range(n_shards)]
+    Every step can be redone, so a build killed here also resumes.
+
+    The shard records are read one at a time (twice: for the metadata, then for the skipped
+    items), so no step holds a row record per image: the metadata is written row group by row
+    group, the ids are hashed as they pass."""
+    records = _ShardRecords(out, n_shards)
     shards = _move_shards(out, records)
-    rows = [row for r in records for row in r["rows"]]
-    skipped = [item for r in records for item in r["skipped"]]
-    if not rows:
+    ids = IdsDigest()
+    _write_metadata(out / METADATA, records, _split_labeller(source, split, db_fraction), ids)
+    skipped = _write_skipped(out / SKIPPED, records)
+    if not ids.count:
         raise DatabaseError(
-            f"no image of {source.spec} split {split!r} could be used ({len(skipped)} skipped; "
+            f"no image of {source.spec} split {split!r} could be used ({skipped} skipped; "
             f"reasons in {out / BUILD}); nothing to index"
         )
-    _write_metadata(out / METADATA, rows, _split_labels(source, split, db_fraction, rows))
-    write_text(out / SKIPPED, "".join(_json_line(s) for s in skipped))
-    # (N, d) float16 rows read from the memory-mapped shards, never concatenated in RAM
-    emb = faiss_index.ShardRows([np.load(out / s["file"], mmap_mode="r") for s in shards])
-    index_info = _build_and_save_index(out, emb, memory_budget, progress)
-    identity = content_identity(
-        plan.source, np.array([r["id"] for r in rows], np.int64), plan.encoder
+    # (N, d) float16 rows read from the memory-mapped shards, never concatenated in RAM, and
+    # only a few shards mapped at a time (each map holds a file descriptor)
+    paths = [out / s["file"] for s in shards]
+    emb = faiss_index.ShardRows(
+        faiss_index.MappedShards(paths), [s["rows"] for s in shards], plan_dim(paths[0]), np.float16
     )
+    index_info = _build_and_save_index(out, emb, memory_budget, progress)
+    identity = content_identity(plan.source, ids, plan.encoder)
     manifest = {
         "format": FORMAT,
         "encoder": plan.encoder,
         "dim": int(emb.shape[1]),
-        "count": len(rows),
+        "count": ids.count,
         "source": {**plan.source, "rule": source.split_rule(db_fraction)},
         "shards": shards,
         "metadata": {"file": METADATA, "sha256": sha256_file(out / METADATA)},
         "index": index_info,
-        "skipped": len(skipped),
+        "skipped": skipped,
         "identity": identity,  # what the database holds: the pairing guards compare this ...
         "fingerprint": fingerprint_of(identity),
         "checksum": checksum_of(shards),  # ... and this checks its bytes
@@ -301,10 +307,26 @@ def _finish(
     write_json(out / MANIFEST, manifest)
     shutil.rmtree(out / BUILD)
     _note(
-        f"built {out}: {len(rows)} rows, {len(skipped)} skipped, d={manifest['dim']}, "
+        f"built {out}: {ids.count} rows, {skipped} skipped, d={manifest['dim']}, "
         f"index {index_info['type']} recall@{index_info['k']} = {index_info['recall_at_k']:.3f}, "
         f"fingerprint {manifest['fingerprint']}"
     )
+
+
+class _ShardRecords:
+    """The ``_build/shard-NNNNN.json`` records of a build, read one at a time when iterated."""
+
+    def __init__(self, out: Path, n_shards: int):
+        self.out, self.n_shards = out, n_shards
+
+    def __iter__(self):
+        for s in range(self.n_shards):
+            yield read_json(_shard_record_path(self.out, s), "shard record")
+
+
+def plan_dim(path: Path) -> int:
+    """d of a float16 (rows, d) shard file, from its header."""
+    return int(np.load(path, mmap_mode="r").shape[1])
 
 
 def _move_shards(out: Path, records: list[dict]) -> list[dict]:
@@ -345,15 +367,21 @@ def publish_shard(
     return {"file": f"{EMBEDDINGS}/{final.name}", "rows": rows, "sha256": sha256}
 
 
-def _split_labels(source: Source, split: str, db_fraction: float, rows: list[dict]) -> list[str]:
-    """The split each row belongs to; for ``all``, the finer train / db / test membership."""
+def _split_labeller(source: Source, split: str, db_fraction: float):
+    """A function from (n,) ids to the split each belongs to; for ``all``, the finer train / db /
+    test membership (each split's ids held once, sorted)."""
     if split != "all":
-        return [split] * len(rows)
-    ids = np.array([r["id"] for r in rows], dtype=np.int64)
-    labels = np.full(len(ids), "all", dtype=object)
-    for name in ("train", "db", "test"):
-        labels[np.isin(ids, source.split_ids(name, db_fraction))] = name
-    return labels.tolist()
+        return lambda ids: [split] * len(ids)
+    members = {name: source.split_ids(name, db_fraction) for name in ("train", "db", "test")}
+
+    def labels(ids: np.ndarray) -> list[str]:
+        out = np.full(len(ids), "all", dtype=object)
+        for name, m in members.items():  # m ascending: membership by binary search
+            at = np.minimum(np.searchsorted(m, ids), max(len(m) - 1, 0))
+            out[(m[at] == ids) if len(m) else np.zeros(len(ids), bool)] = name
+        return out.tolist()
+
+    return labels
 
 
 def build_and_save_index(
@@ -382,7 +410,8 @@ def _build_and_save_index(out: Path, emb, memory_budget: float, progress: bool) 
     with tempfile.TemporaryDirectory(dir=out, prefix=".index-") as tmp:
         built = Path(tmp) / INDEX
         data = faiss_index.data_path_of(built)
-        index = faiss_index.build_index(emb, spec, seed=INDEX_SEED, data_path=data)
+        chunk = faiss_index.chunk_rows(d, memory_budget)
+        index = faiss_index.build_index(emb, spec, seed=INDEX_SEED, data_path=data, chunk=chunk)
         ks = tuple(sorted({min(k, n - 1) for k in RECALL_KS} - {0}))
         if spec.type == "flat" or not ks:
             recall, measured_on = (
@@ -391,7 +420,7 @@ def _build_and_save_index(out: Path, emb, memory_budget: float, progress: bool) 
             )
         else:
             spec, recall = faiss_index.tune_index(
-                index, spec, emb, ks, n_queries=RECALL_QUERIES, seed=INDEX_SEED
+                index, spec, emb, ks, n_queries=RECALL_QUERIES, seed=INDEX_SEED, chunk=chunk
             )
             measured_on = (
                 f"{min(RECALL_QUERIES, n)} database rows as queries (seed {INDEX_SEED}), each "
@@ -431,22 +460,77 @@ def _build_and_save_index(out: Path, emb, memory_budget: float, progress: bool) 
 # ---- files --------------------------------------------------------------------------------------
 
 
-def _write_metadata(path: Path, rows: list[dict], splits: list[str]) -> None:
+#: rows per row group of metadata.parquet: a database of fewer rows is one group, as
+#: pq.write_table writes it; at scale a group's content_hash column is ~2 MB, what
+#: rdm.database.ContentHashes reads to confirm a match
+METADATA_ROW_GROUP = 65_536
+
+
+def _write_metadata(path: Path, records, labels, ids: IdsDigest) -> None:
+    """Write metadata.parquet from the shard ``records`` (iterated once), a row group at a
+    time; ``labels(ids)`` gives the split column; every id passes through ``ids``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table(
-        {
-            "row": pa.array(np.arange(len(rows)), pa.int64()),
-            "id": pa.array([r["id"] for r in rows], pa.int64()),
-            "key": pa.array([r["key"] for r in rows], pa.string()),
-            "caption": pa.array([r["caption"] for r in rows], pa.string()),
+    schema = pa.schema(
+        [
+            ("row", pa.int64()),
+            ("id", pa.int64()),
+            ("key", pa.string()),
+            ("caption", pa.string()),
             # sha256 of the decoded pixels (rdm.embedding.content_hash): exact duplicates
-            "content_hash": pa.array([r.get("content_hash", "") for r in rows], pa.string()),
-            "split": pa.array(splits, pa.string()),
-        }
+            ("content_hash", pa.string()),
+            ("split", pa.string()),
+        ]
     )
-    atomic_write(path, lambda tmp: pq.write_table(table, str(tmp)))
+
+    def write(tmp: Path) -> None:
+        pending, size = [], 0
+        with pq.ParquetWriter(str(tmp), schema) as writer:
+            for record in records:
+                rows = record["rows"]
+                shard_ids = np.array([r["id"] for r in rows], np.int64)
+                table = pa.table(
+                    {
+                        "row": pa.array(np.arange(ids.count, ids.count + len(rows)), pa.int64()),
+                        "id": pa.array(shard_ids, pa.int64()),
+                        "key": pa.array([r["key"] for r in rows], pa.string()),
+                        "caption": pa.array([r["caption"] for r in rows], pa.string()),
+                        "content_hash": pa.array(
+                            [r.get("content_hash", "") for r in rows], pa.string()
+                        ),
+                        "split": pa.array(labels(shard_ids), pa.string()),
+                    },
+                    schema=schema,
+                )
+                ids.update(shard_ids)
+                pending.append(table)
+                size += len(rows)
+                while size >= METADATA_ROW_GROUP:
+                    group = pa.concat_tables(pending)
+                    writer.write_table(group.slice(0, METADATA_ROW_GROUP).combine_chunks())
+                    pending, size = [group.slice(METADATA_ROW_GROUP)], size - METADATA_ROW_GROUP
+            if size or ids.count == 0:  # the rest (an empty table keeps the file readable)
+                group = pa.concat_tables(pending) if pending else schema.empty_table()
+                writer.write_table(group.combine_chunks())
+
+    atomic_write(path, write)
+
+
+def _write_skipped(path: Path, records) -> int:
+    """Write skipped.jsonl from the shard ``records`` (iterated once); returns the count."""
+    count = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal count
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in records:
+                for item in record["skipped"]:
+                    f.write(_json_line(item))
+                    count += 1
+
+    atomic_write(path, write)
+    return count
 
 
 def _json_line(obj: dict) -> str:

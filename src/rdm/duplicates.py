@@ -219,9 +219,8 @@ def nearest_distinct_cosines(db: Database, rows: np.ndarray) -> np.ndarray:
     scores, found = db.search(db.vectors(rows), depth)  # (m, depth)
     other = (found >= 0) & (found != rows[:, None])
     hashes = db.content_hashes
-    if hashes is not None:
-        h = hashes[np.maximum(found, 0)]
-        other &= (h != hashes[rows][:, None]) | (h == "")
+    if hashes is not None:  # rdm.database.ContentHashes: codes compared, matches confirmed
+        other &= ~hashes.same_as_rows(np.maximum(found, 0), rows)
     has = other.any(axis=1)
     first = np.argmax(other, axis=1)  # rank of the first distinct row (search is best first)
     return scores[np.arange(len(rows)), first][has].astype(np.float32)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from rdm.data import Source, splits_disjoint
-from rdm.database import Database, ids_sha256, rebuild_command
+from rdm.database import ContentHashes, Database, ids_sha256, rebuild_command
 from rdm.duplicates import calibrate
 from rdm.embedding import encode_source
 from rdm.encoders import Encoder, require_same_identity
@@ -398,7 +398,7 @@ class _Exclusion:
     threshold_from: str  # "derived" (rdm.duplicates.calibrate) or "user" (--exclude-threshold)
     same_source: bool
     items_disjoint: bool  # rdm.data.splits_disjoint: no shared item, which says nothing of pixels
-    db_hashes: np.ndarray | None  # (N_db,) content hashes, None for a database built before them
+    db_hashes: ContentHashes | None  # (N_db,) content hashes; None: a database built before them
     calibration: dict | None = None
     n_self: int = 0
     n_exact: int = 0
@@ -470,7 +470,7 @@ def _neighbours(
     depth = min(k + EXTRA, db.count)
     out_I = np.empty((len(z), k), np.int64)
     out_D = np.empty((len(z), k), np.float32)
-    qh = np.asarray(query_hashes, dtype=object)  # (B,)
+    qh = np.asarray(query_hashes, dtype=object)  # (B,) hex content hashes
     todo = np.arange(len(z))
     while len(todo):
         D, I = db.search(z[todo], depth)  # (b, depth)
@@ -478,9 +478,8 @@ def _neighbours(
         rows = np.maximum(I, 0)
         is_self = valid & ex.same_source & (db.ids[rows] == query_ids[todo, None])
         is_exact = np.zeros_like(is_self)
-        if ex.db_hashes is not None:
-            h = ex.db_hashes[rows]
-            is_exact = valid & ~is_self & (h == qh[todo, None]) & (h != "")
+        if ex.db_hashes is not None:  # same pixels: 64-bit codes, confirmed on the full hash
+            is_exact = valid & ~is_self & ex.db_hashes.matches(rows, qh[todo])
         is_near = valid & ~is_self & ~is_exact & (D > ex.threshold)
         keep = valid & ~is_self & ~is_exact & ~is_near
         enough = keep.sum(axis=1) >= k
