@@ -169,3 +169,10 @@ def test_on_disk_lists_are_faiss_own_and_searching_them_stays_unmapped(tmp_path,
     assert lists.read_only and mapped_kb(lists) <= 8  # ~400 kB were read; ≤ 2 pages resident
     loaded.search(fi._f32(xb[:50]), 5)  # faiss's own search alone leaves all of it resident
     assert mapped_kb(lists) > 300
+    # a bound below one query's 8 probed cells: cells scanned in groups, the groups merged
+    fi.release_lists(lists)
+    monkeypatch.setattr(fi, "ON_DISK_SEARCH_BYTES", 2 * lists.totsize // 8)  # 2 cells a call
+    D2, I2 = fi.search(loaded, xb[:50], 5)
+    np.testing.assert_allclose(D2, D_ref, atol=1e-5)
+    np.testing.assert_array_equal(D2, D)
+    assert mapped_kb(lists) <= 8

@@ -409,8 +409,8 @@ def to_gpu(index, spec: IndexSpec):
 def search(index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` by inner product: ``xq`` (B, d) -> ``D`` (B, k) float32, ``I`` (B, k) int64.
 
-    An index with on-disk lists is searched a few queries at a time (about
-    :data:`ON_DISK_SEARCH_BYTES` of probed cells per call), and the pages of the lists each call
+    An index with on-disk lists is searched so that one call to faiss touches about
+    :data:`ON_DISK_SEARCH_BYTES` of cells (:func:`_search_on_disk`), and the pages each call
     touched are released before the next (:func:`release_lists`)."""
     xq = _f32(np.atleast_2d(xq))
     if xq.shape[1] != index.d:
@@ -421,16 +421,51 @@ def search(index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     if lists is None:
         D, I = index.search(xq, k)
         return D, I.astype(np.int64, copy=False)
+    return _search_on_disk(index, lists, xq, k)
+
+
+def _search_on_disk(index, lists, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Search on-disk lists a block of queries and a group of their probed cells at a time,
+    ``queries x cells x mean cell bytes`` ≈ :data:`ON_DISK_SEARCH_BYTES` per faiss call (at
+    least one cell of one query), releasing the lists' pages after each call.
+
+    With every probe in one group (the usual case: nprobe mean cells fit the bound) a block is
+    one ``index.search``; otherwise each query's nprobe cells (found once by the coarse
+    quantizer) are scanned group by group with ``search_preassigned`` and the groups' top-k
+    merged: the same candidates are scored, ties among equal scores may come in another order."""
     import faiss
 
-    nprobe = faiss.extract_index_ivf(index).nprobe
-    per_query = max(1.0, nprobe * lists.totsize / max(lists.nlist, 1))  # bytes probed per query
-    step = max(1, int(ON_DISK_SEARCH_BYTES / per_query))
+    ivf = faiss.extract_index_ivf(index)
+    nprobe = min(int(ivf.nprobe), int(lists.nlist))
+    cell = max(1.0, lists.totsize / max(int(lists.nlist), 1))  # mean bytes of one cell
+    group = max(1, min(nprobe, int(ON_DISK_SEARCH_BYTES / cell)))  # cells per query per call
+    step = max(1, int(ON_DISK_SEARCH_BYTES / (group * cell)))  # queries per call
     D = np.empty((len(xq), k), np.float32)
     I = np.empty((len(xq), k), np.int64)
     for start in range(0, len(xq), step):
-        D[start : start + step], I[start : start + step] = index.search(xq[start : start + step], k)
-        release_lists(lists)
+        x = xq[start : start + step]
+        if group == nprobe:
+            D[start : start + len(x)], I[start : start + len(x)] = index.search(x, k)
+            release_lists(lists)
+            continue
+        Dq, Iq = ivf.quantizer.search(x, nprobe)  # (b, nprobe) probed cells, best first
+        found_D, found_I = [], []
+        try:
+            for g in range(0, nprobe, group):
+                cells = np.ascontiguousarray(Iq[:, g : g + group])
+                ivf.nprobe = cells.shape[1]  # search_preassigned scans exactly nprobe cells
+                Dg, Ig = ivf.search_preassigned(
+                    x, k, cells, np.ascontiguousarray(Dq[:, g : g + group])
+                )
+                release_lists(lists)
+                found_D.append(Dg)
+                found_I.append(Ig)
+        finally:
+            ivf.nprobe = nprobe
+        Dc, Ic = np.concatenate(found_D, axis=1), np.concatenate(found_I, axis=1)  # (b, G·k)
+        best = np.argsort(-Dc, axis=1, kind="stable")[:, :k]
+        D[start : start + len(x)] = np.take_along_axis(Dc, best, 1)
+        I[start : start + len(x)] = np.take_along_axis(Ic, best, 1)
     return D, I
 
 
