@@ -37,10 +37,27 @@ def distribution_name(requirement: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def declared_dependencies() -> set[str]:
+def declared_dependencies(extras: bool = False) -> set[str]:
+    """The [project] dependencies; with ``extras``, also those of the optional extras a user
+    installs for a feature (``rdm[ray]``), not the ``test`` extra."""
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    return {distribution_name(r) for r in project["dependencies"]}
+    required = list(project["dependencies"])
+    if extras:
+        for name, reqs in project.get("optional-dependencies", {}).items():
+            required += [] if name == "test" else reqs
+    return {distribution_name(r) for r in required}
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """Modules ``path`` imports at module level (outside functions and classes)."""
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
 
 
 def test_distribution_name_normalises():
@@ -58,7 +75,7 @@ def test_every_third_party_import_in_src_is_declared():
     # the installed distributions say which one provides each module (PIL -> pillow,
     # faiss -> faiss-cpu, open_clip -> open_clip_torch, fontTools -> fonttools, ...)
     providers = importlib.metadata.packages_distributions()
-    declared = declared_dependencies()
+    declared = declared_dependencies(extras=True)
     missing = []
     for module, files in sorted(third_party.items()):
         dists = {distribution_name(d) for d in providers.get(module, [])}
@@ -69,3 +86,18 @@ def test_every_third_party_import_in_src_is_declared():
         elif not dists & declared:
             missing.append(f"{module} from {sorted(dists)} (used in {sorted(files)})")
     assert not missing, "undeclared in pyproject.toml [project] dependencies: " + "; ".join(missing)
+
+
+def test_an_optional_extra_is_imported_only_where_it_is_used():
+    """A module that only an optional extra provides (ray, for ``--engine ray``) is never
+    imported at module level, so rdm imports and its local engine runs without the extra."""
+    providers = importlib.metadata.packages_distributions()
+    optional = declared_dependencies(extras=True) - declared_dependencies()
+    assert "ray" in optional  # the scan knows the extra
+    eager = [
+        f"{module} in {path.relative_to(ROOT)}"
+        for path in sorted((ROOT / "src").rglob("*.py"))
+        for module in top_level_imports(path)
+        if {distribution_name(d) for d in providers.get(module, [module])} & optional
+    ]
+    assert not eager, "optional extras imported at module level: " + "; ".join(eager)
