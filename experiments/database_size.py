@@ -42,7 +42,7 @@ def main() -> None:
     ensure_db(DB_1, 0.005)
     ensure_db(DB_10, 0.05)
     RDM_1600.train()
-    image = ["--mode", "image"]
+    image: list[str] = []  # --mode image, the default
     plan = [
         ("1600 steps, full D, sampled with 1% of D", RDM_1600, DB_1),
         ("1600 steps, full D, sampled with 10% of D", RDM_1600, DB_10),

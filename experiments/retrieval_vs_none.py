@@ -33,8 +33,8 @@ def main() -> None:
         ("baseline 2x params, 600 steps", BASE2X_600, uncond),
         ("RDM, 1600 steps", RDM_1600, uncond),
         ("baseline, 1600 steps", BASE_1600, uncond),
-        ("RDM, 600 steps, test-image queries", RDM_600, ["--mode", "image"]),
-        ("RDM, 1600 steps, test-image queries", RDM_1600, ["--mode", "image"]),
+        ("RDM, 600 steps, test-image queries", RDM_600, []),  # --mode image, the default
+        ("RDM, 1600 steps, test-image queries", RDM_1600, []),
     ]
     evals, reports = [], []
     for label, arm, flags in plan:
