@@ -63,13 +63,15 @@ def rdm(*args: str, log: Path | None = None) -> float:
     return time.perf_counter() - t
 
 
-def ensure_db(db: Path = DB, fraction: float = 0.5, source: str = "fashion-mnist") -> Path:
+def ensure_db(
+    db: Path = DB, fraction: float = 0.5, source: str = "fashion-mnist", neighbours: bool = True
+) -> Path:
     """A database of ``source``'s db split (the items whose sha1(key) fraction < ``fraction``)
-    and the neighbours of its train split (the rest of the training file) in it."""
+    and (``neighbours``) the neighbours of its train split (the rest of the training file)."""
     if not (db / "manifest.json").is_file():
         rdm("db", "build", source, "--split", "db", "--db-fraction", f"{fraction:g}",
             "--encoder", "default", "--out", str(db))  # fmt: skip
-    if not (db / "neighbors-train.safetensors").is_file():
+    if neighbours and not (db / "neighbors-train.safetensors").is_file():
         rdm("db", "neighbors", str(db), "--queries", source, "--split", "train", "-k", "20")
     return db
 

@@ -39,8 +39,8 @@ SMALL_D = Arm("rdm-k4-600-db10", steps=600, db=DB_10)
 def main() -> None:
     started = time.time()
     ensure_db()
-    ensure_db(DB_1, 0.005)
-    ensure_db(DB_10, 0.05)
+    ensure_db(DB_1, 0.005, neighbours=False)  # image-conditioned sampling needs no p(x̃)
+    ensure_db(DB_10, 0.05, neighbours=False)
     RDM_1600.train()
     image: list[str] = []  # --mode image, the default
     plan = [
@@ -54,6 +54,8 @@ def main() -> None:
     for label, arm, db in plan:
         if os.environ.get("ONLY_TRAINED") == "1" and trained_steps(arm.run) < arm.steps:
             continue
+        if arm is SMALL_D:
+            ensure_db(DB_10, 0.05)  # its training neighbours
         arm.train()
         e = Eval(f"db-size-{label}", arm, image, db=db)
         evals.append(e)
