@@ -20,8 +20,10 @@ it. The budget bounds the index step's growth of the *whole* resident set, file 
 peak ``VmHWM`` minus the resident set before the step (interpreter and libraries, reported as the
 overhead) must stay under ``--budget``.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/scale.py --rows 2000000 --budget 1GB \
-        --dir /tmp/rdm-scale
+    OMP_NUM_THREADS=1 .venv/bin/python bench/scale.py --rows 200000 --budget 100MB
+    OMP_NUM_THREADS=1 .venv/bin/python bench/scale.py --rows 2000000 --budget 1GB --noise 0.03
+
+(figures and their reading: docs/scale.md)
 """
 
 from __future__ import annotations
