@@ -39,13 +39,35 @@ def test_blocks_give_the_bytes_of_one_block(db, one_block, tmp_path):
     assert not (tmp_path / "n.safetensors.partial").exists()  # removed once joined
 
 
+class BatchMixingEncoder(ProjectionEncoder):
+    """The projection plus a little of its batch's mean: what a row gets depends on its batch
+    (as an encoder's last bits can), so only identical batches give identical bytes."""
+
+    def encode_images(self, images) -> np.ndarray:
+        z = super().encode_images(images)
+        z = z + 0.05 * z.mean(axis=0, keepdims=True)
+        return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+
+def test_blocks_hold_whole_batches(db, tmp_path):
+    """A block size that is not a multiple of the batch size is rounded up to one, so the blocks
+    encode the batches of one unbroken pass (6 with batches of 4 would split a batch)."""
+    ref = tmp_path / "one.safetensors"
+    nbm.compute_neighbors(db, SOURCE, "train", BatchMixingEncoder(), out=ref, **OPTIONS)
+    out = tmp_path / "blocks.safetensors"
+    nbm.compute_neighbors(
+        db, SOURCE, "train", BatchMixingEncoder(), out=out, block_size=6, **OPTIONS
+    )
+    assert out.read_bytes() == ref.read_bytes()
+
+
 def test_a_failed_run_resumes_to_identical_bytes(db, one_block, tmp_path, monkeypatch):
     out = tmp_path / "n.safetensors"
     real, calls, armed = nbm._neighbours, [], [True]
 
     def failing(*args, **kwargs):
         calls.append(len(args[1]))
-        if armed[0] and len(calls) == 6:  # block 2 of 7-query blocks in batches of 4: mid-block
+        if armed[0] and len(calls) == 6:  # block 2 of 8-query blocks in batches of 4: mid-block
             armed[0] = False
             raise RuntimeError("killed")
         return real(*args, **kwargs)
@@ -53,7 +75,7 @@ def test_a_failed_run_resumes_to_identical_bytes(db, one_block, tmp_path, monkey
     monkeypatch.setattr(nbm, "_neighbours", failing)
     with pytest.raises(RuntimeError, match="killed"):
         nbm.compute_neighbors(
-            db, SOURCE, "train", ProjectionEncoder(), out=out, block_size=7, **OPTIONS
+            db, SOURCE, "train", ProjectionEncoder(), out=out, block_size=8, **OPTIONS
         )
     partial = tmp_path / "n.safetensors.partial"
     assert sorted(p.name for p in partial.glob("block-*")) == ["block-00000.npz", "block-00001.npz"]
@@ -61,16 +83,16 @@ def test_a_failed_run_resumes_to_identical_bytes(db, one_block, tmp_path, monkey
 
     calls.clear()
     plan = nbm.plan_neighbors(
-        db, SOURCE, "train", ProjectionEncoder(), 5, 2, 0.9, 4, out, block_size=7
+        db, SOURCE, "train", ProjectionEncoder(), 5, 2, 0.9, 4, out, block_size=8
     )
     assert plan.pending()[0] == 2
     nbm.compute_neighbors(
-        db, SOURCE, "train", ProjectionEncoder(), out=out, block_size=7, **OPTIONS
+        db, SOURCE, "train", ProjectionEncoder(), out=out, block_size=8, **OPTIONS
     )
     assert out.read_bytes() == one_block
     # the finished blocks were not recomputed: only the queries of blocks 2.. were searched
     query_ids = nbm.load_neighbors(out).query_ids
-    first_two = SOURCE.split_ids("train", 0.5)[:14]
+    first_two = SOURCE.split_ids("train", 0.5)[:16]
     assert sum(calls) == len(query_ids) - np.isin(query_ids, first_two).sum()
 
 

@@ -203,6 +203,9 @@ def plan_neighbors(
     block_size = BLOCK_SIZE if block_size is None else block_size
     if block_size < 1:
         raise NeighborsError(f"the block size must be positive, got {block_size}")
+    # a whole number of encoder batches per block: the blocks then encode exactly the batches of
+    # one unbroken pass (an encoder's last bits can depend on what shares its batch)
+    block_size = -(-block_size // batch_size) * batch_size
     path = Path(out) if out is not None else db.root / f"neighbors-{split}.safetensors"
     require_writable(path, what="neighbours file")
     db.require_encoder(encoder, f"query encoder {encoder.identity.get('spec', '?')}")
