@@ -71,12 +71,30 @@ def main() -> None:
         + " → ".join(f"{fd[s]:.1f}" for s in sizes)
         + ", faithfulness "
         + " → ".join(f"{fa[s]:.2f}" for s in sizes)
+        + (
+            f": a {100 * (fd[sizes[0]] - fd[sizes[-1]]) / fd[sizes[-1]]:.0f} % change in FD for "
+            "100 times the database"
+            if len(sizes) == 3
+            else ""
+        )
         + ".\n"
+        + _missing(plan, [label for label, _ in reports])
     )
     arms = [RDM_1600, RDM_600, SMALL_D]
     write("database_size", "Claim 4: database size", body, arms, evals, started)
     bar_plot("database_size", [label.replace("sampled with", "D:") for label, _ in reports],
              [r for _, r in reports], "Database size")  # fmt: skip
+
+
+def _missing(plan, done: list[str]) -> str:
+    left = [label for label, _, _ in plan if label not in done]
+    if not left:
+        return ""
+    return (
+        "\nNot measured yet (its arm is not trained; rerun without ONLY_TRAINED=1): "
+        + "; ".join(left)
+        + ".\n"
+    )
 
 
 if __name__ == "__main__":

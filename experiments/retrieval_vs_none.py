@@ -64,6 +64,13 @@ def main() -> None:
         + ("; ".join(lines).capitalize() + "." if lines else "")
         + "\n"
     )
+    left = [label for label, arm, _ in plan if not _wanted(arm)]
+    if left:
+        body += (
+            "\nNot measured yet (the arm is not trained; rerun without ONLY_TRAINED=1): "
+            + "; ".join(left)
+            + ".\n"
+        )
     arms = list({id(a): a for _, a, _ in plan if _wanted(a)}.values())
     write("retrieval_vs_none", "Claim 1: retrieval vs none", body, arms, evals, started)
     bar_plot("retrieval_vs_none", [label for label, _ in reports], [r for _, r in reports],
