@@ -61,8 +61,9 @@ def main() -> None:
         "seen per step.\n\n"
         + table(["arm", *METRIC_HEADER], rows)
         + "\n"
-        + ("; ".join(lines).capitalize() + "." if lines else "")
-        + "\n"
+        + (_sentence("; ".join(lines)) if lines else "")
+        + " A baseline never sees neighbours, so its faithfulness (the share of samples of the "
+        "class of neighbours it was not given) is chance, about 0.1." + "\n"
     )
     left = [label for label, arm, _ in plan if not _wanted(arm)]
     if left:
@@ -75,6 +76,10 @@ def main() -> None:
     write("retrieval_vs_none", "Claim 1: retrieval vs none", body, arms, evals, started)
     bar_plot("retrieval_vs_none", [label for label, _ in reports], [r for _, r in reports],
              "Retrieval vs none (unconditional unless noted)")  # fmt: skip
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
 
 
 def _wanted(arm: Arm) -> bool:
