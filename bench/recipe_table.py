@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from rdm.train import last_logged_step
+
 
 def recipe(run: Path) -> dict:
     cfg = json.loads((run / "config.json").read_text())
@@ -26,20 +28,12 @@ def recipe(run: Path) -> dict:
         extras.append(f"batch {t['batch_size']}")
     if t.get("snr_gamma"):
         extras.append(f"min-SNR γ={t['snr_gamma']:g}")
-    steps = _trained_steps(run) or t["steps"]
+    steps = last_logged_step(run) or t["steps"]
     widths = ",".join(map(str, m["block_out_channels"]))
     return {
         "recipe": f"{pred}, {m['in_channels']} ch, lr {t['lr']:g}, {' '.join(extras)}, "
         f"({widths}), {steps} steps",
     }
-
-
-def _trained_steps(run: Path) -> int | None:
-    loss = run / "loss.csv"
-    if not loss.is_file():
-        return None
-    rows = [r for r in loss.read_text().splitlines()[1:] if r]
-    return int(rows[-1].split(",")[0]) if rows else None
 
 
 def _weights(name: str | None) -> str:

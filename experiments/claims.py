@@ -78,11 +78,9 @@ def ensure_db(
 
 def trained_steps(run: Path) -> int:
     """The last step a run logged (0 when it has not started)."""
-    loss = run / "loss.csv"
-    if not loss.is_file():
-        return 0
-    rows = [r for r in loss.read_text().splitlines()[1:] if r.strip()]
-    return int(rows[-1].split(",")[0]) if rows else 0
+    from rdm.train import last_logged_step
+
+    return last_logged_step(run)
 
 
 @dataclass
@@ -291,7 +289,7 @@ def _without_out(command: str) -> str:
     if "--out" in words:
         i = words.index("--out")
         del words[i : i + 2]
-    return shlex.join(words[:2]) + " " + shlex.join(words[2:]) if len(words) > 2 else command
+    return shlex.join(words)
 
 
 def _same_report(want: str) -> Path | None:

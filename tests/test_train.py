@@ -133,10 +133,12 @@ def test_runs_in_one_process_switch_precision_without_resetting_accelerate(tmp_p
 def test_loss_csv_is_cut_back_to_the_resumed_step(tmp_path):
     path = tmp_path / "loss.csv"
     path.write_text("step,loss,lr\n1,0.5,0.1\n2,0.4,0.1\n3,0.3,0.1\n4,0.2")  # a torn last row
+    assert rdm.train.last_logged_step(tmp_path) == 3  # the torn row does not count
     rdm.train._truncate_loss_csv(path, 2)
     assert read_loss_csv(path) == [(1, 0.5), (2, 0.4)]
     rdm.train._truncate_loss_csv(path, 0)  # a fresh run: the header only
     assert path.read_text().splitlines() == ["step,loss,lr"]
+    assert rdm.train.last_logged_step(tmp_path) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["loss.csv"]  # no temporary file left
 
 

@@ -282,10 +282,9 @@ def train(
         torch.manual_seed(tc.seed)
         model = RetrievalUNet(cfg.model)
     ema = copy.deepcopy(model).requires_grad_(False)
-    # further EMAs of the same trajectory, to compare schedules (rdm.ema): name -> (spec, copy)
-    extras = {
-        EmaSpec.parse(spec).name: (EmaSpec.parse(spec), copy.deepcopy(ema)) for spec in tc.ema_extra
-    }
+    # further EMAs of the same trajectory, to compare schedules (rdm.ema), by weights name
+    ema_specs = [EmaSpec.parse(spec) for spec in tc.ema_extra]
+    extra_emas = {spec.name: copy.deepcopy(ema) for spec in ema_specs}
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay
     )
@@ -294,9 +293,7 @@ def train(
     # Resume: weights, optimizer and RNG states, and the data stream at the checkpoint's step.
     start, loss_value = 0, float("nan")
     if checkpoint is not None:
-        state = load_checkpoint(
-            checkpoint, model, ema, optimizer, {n: m for n, (_, m) in extras.items()}
-        )
+        state = load_checkpoint(checkpoint, model, ema, optimizer, extra_emas)
         start, loss_value = int(state["step"]), float(state.get("loss", "nan"))
         if start > tc.steps:
             raise RdmError(f"{checkpoint} is already past --steps {tc.steps}; ask for more steps")
@@ -304,7 +301,7 @@ def train(
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=tc.num_workers)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(device)
-    for _, extra in extras.values():
+    for extra in extra_emas.values():
         extra.to(device)
     precision = resolve_precision(tc.mixed_precision, device)
     if main:
@@ -348,10 +345,9 @@ def train(
 
         # Update EMA.
         ema_update(ema, accelerator.unwrap_model(model), ema_decay_at(step, tc.ema_decay))
-        for spec, extra in extras.values():
-            ema_update(
-                extra, accelerator.unwrap_model(model), spec.decay(step, tc.batch_size * world)
-            )
+        for spec in ema_specs:
+            decay = spec.decay(step, tc.batch_size * world)
+            ema_update(extra_emas[spec.name], accelerator.unwrap_model(model), decay)
 
         # Log.
         rows.append((step, loss_value, lr))
@@ -382,7 +378,7 @@ def train(
                     state,
                     cfg,
                     tc.keep_last,
-                    {n: m for n, (_, m) in extras.items()},
+                    extra_emas,
                 )
                 _plot_loss(
                     run_dir / "loss.csv", run_dir / "loss.png", cfg.diffusion.prediction_type
@@ -399,7 +395,7 @@ def train(
         cfg.to_json(run_dir / "config.json")  # first: save_weights records checksums in it
         save_weights(accelerator.unwrap_model(model), run_dir / "model.safetensors")
         save_weights(ema, run_dir / "ema.safetensors")
-        for name, (_, extra) in extras.items():
+        for name, extra in extra_emas.items():
             save_weights(extra, run_dir / f"{name}.safetensors")
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - t_first if t_first else 0.0
@@ -514,12 +510,7 @@ def _check_dataset(dataset: Dataset, cfg: RunConfig) -> None:
 
 def _truncate_loss_csv(path: Path, step: int) -> None:
     """Keep the rows of steps <= ``step`` (a resumed run rewrites the rest)."""
-    kept = []
-    if path.exists() and step > 0:
-        with open(path, newline="") as f:
-            kept = [
-                r for r in csv.reader(f) if len(r) == 3 and r[0].isdigit() and int(r[0]) <= step
-            ]
+    kept = [r for r in _step_rows(path) if int(r[0]) <= step] if step > 0 else []
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
@@ -528,6 +519,20 @@ def _truncate_loss_csv(path: Path, step: int) -> None:
             w.writerows(kept)
 
     atomic_write(path, write)
+
+
+def _step_rows(path: Path) -> list[list[str]]:
+    """The whole (step, loss, lr) rows of a loss.csv: no header, no row torn by a kill."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.reader(f) if len(r) == 3 and r[0].isdigit()]
+
+
+def last_logged_step(run_dir: str | Path) -> int:
+    """The last step a run's loss.csv records (0 before its first log)."""
+    rows = _step_rows(Path(run_dir) / "loss.csv")
+    return int(rows[-1][0]) if rows else 0
 
 
 def _append_loss_csv(path: Path, rows: list[tuple[int, float, float]]) -> None:
