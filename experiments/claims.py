@@ -115,10 +115,26 @@ class Arm:
             "train", *args, "--out", str(self.run), *resume, log=RUNS / f"{self.name}.log"
         )
         wall = _read_json(self.run / "wall.json") or {"train_seconds": 0.0, "chunks": []}
-        wall["train_seconds"] += seconds
         wall["chunks"].append({"from": done, "to": self.steps, "seconds": round(seconds, 1)})
+        clock = _checkpoint_clock(self.run)
+        if clock is not None:  # the loop's own count, summed over killed and resumed chunks
+            wall["train_seconds"], wall["counted_from"] = clock
+        else:  # a run that began before rdm train kept the time: the chunks this script saw
+            wall["train_seconds"] += seconds
         wall["command"] = "rdm train " + shlex.join([*args, "--out", str(self.run)])
         (self.run / "wall.json").write_text(json.dumps(wall, indent=1) + "\n")
+
+
+def _checkpoint_clock(run: Path) -> tuple[float, int] | None:
+    """(training seconds, the step they count from) from the run's last checkpoint, or None
+    when it predates the record."""
+    from rdm.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(run)
+    state = _read_json(last / "state.json") if last is not None else None
+    if not state or "train_seconds" not in state:
+        return None
+    return float(state["train_seconds"]), int(state.get("train_seconds_from", 0))
 
 
 @dataclass
@@ -231,13 +247,16 @@ def write(
     lines += ["", "Runs (training wall time, one torch thread, the other core busy):", ""]
     for a in arms:
         w = _read_json(a.run / "wall.json") or {}
-        t = w.get("train_seconds")
-        lines.append(f"- `{a.run}`: "
-                     f"{trained_steps(a.run)} steps, {'%.0f min' % (t / 60) if t else 'time not recorded'}"
+        t, since = w.get("train_seconds"), w.get("counted_from")
+        took = "time not recorded" if not t else f"{t / 60:.0f} min"
+        if t and since:
+            took += f" from step {since} on (the earlier steps' time was not recorded)"
+        lines.append(f"- `{a.run}`: {trained_steps(a.run)} steps, {took}"
                      f"{'; ' + w['note'] if w.get('note') else ''}; `{w.get('command', 'rdm train ' + shlex.join([*RECIPE, '--db', str(a.db), *a.flags]))}`")  # fmt: skip
     lines += [
         "",
-        "Evaluations (`rdm eval`, classifier features, floor = train vs test at the same N):",
+        "Evaluations (`rdm eval`, with the features its command names; floor = real vs real "
+        "at the same N):",
         "",
     ]
     for e in evals:

@@ -89,6 +89,49 @@ def test_killed_and_resumed_run_equals_unbroken_run(tmp_path, monkeypatch):
     assert (tmp_path / "b/loss.png").stat().st_size > 0
 
 
+def test_training_time_is_summed_over_killed_and_resumed_chunks(tmp_path, monkeypatch):
+    """Each step takes 10 s of a fake clock: a run killed during step 5 and resumed records the
+    unbroken run's 60 s (the killed steps after checkpoint 3 are trained, and counted, again);
+    resumed from a checkpoint that kept no time, the count starts at its step."""
+    clock = {"t": 0.0}
+    monkeypatch.setattr(rdm.train._TrainClock, "_now", staticmethod(lambda: clock["t"]))
+    real, calls = rdm.train.diffusion_loss, {"n": 0, "kill": 5}
+
+    def loss(*args, **kwargs):
+        calls["n"] += 1
+        clock["t"] += 10.0
+        if calls["n"] == calls["kill"]:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rdm.train, "diffusion_loss", loss)
+    cfg, data = tiny_cfg(steps=6, checkpoint_every=3), tiny_dataset()
+    calls["kill"] = 0
+    unbroken = train(cfg, tmp_path / "a", data, progress=False)
+    assert (unbroken.train_seconds, unbroken.train_seconds_from) == (60.0, 0)
+    state = json.loads((latest_checkpoint(tmp_path / "a") / "state.json").read_text())
+    assert (state["train_seconds"], state["train_seconds_from"]) == (60.0, 0)
+
+    calls.update(n=0, kill=5)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "b", data, progress=False)
+    resumed = train(cfg, tmp_path / "b", data, resume=True, progress=False)
+    assert (resumed.train_seconds, resumed.train_seconds_from) == (60.0, 0)
+
+    # a checkpoint from before rdm kept the time: counted from its step
+    calls.update(n=0, kill=0)
+    for name in ("c", "d"):
+        train(tiny_cfg(steps=3, checkpoint_every=3), tmp_path / name, data, progress=False)
+    path = latest_checkpoint(tmp_path / "d") / "state.json"
+    old = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("train_s")}
+    path.write_text(json.dumps(old))
+    longer = {}
+    for name in ("c", "d"):
+        longer[name] = train(cfg, tmp_path / name, data, resume=True, progress=False)
+    assert (longer["c"].train_seconds, longer["c"].train_seconds_from) == (60.0, 0)
+    assert (longer["d"].train_seconds, longer["d"].train_seconds_from) == (30.0, 3)
+
+
 def test_bf16_autocast_trains(tmp_path):
     cfg = tiny_cfg(steps=2, checkpoint_every=2)
     cfg.train.mixed_precision = "bf16"

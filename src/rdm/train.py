@@ -51,6 +51,8 @@ class TrainResult:
     step: int  # last step trained
     loss: float  # loss of the last step
     images_per_s: float  # throughput after the first step (which includes warm-up)
+    train_seconds: float = 0.0  # the training loop's wall time, summed over resumed chunks
+    train_seconds_from: int = 0  # the step it counts from (> 0: resumed from an older checkpoint)
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -297,6 +299,7 @@ def train(
         start, loss_value = int(state["step"]), float(state.get("loss", "nan"))
         if start > tc.steps:
             raise RdmError(f"{checkpoint} is already past --steps {tc.steps}; ask for more steps")
+    clock = _TrainClock.resumed(state if checkpoint is not None else None, start)
     batches = StepBatches(len(dataset), tc.batch_size, tc.seed, start + 1, tc.steps, rank, world)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=tc.num_workers)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -316,6 +319,7 @@ def train(
     bar = tqdm(total=tc.steps, initial=start, disable=not (progress and main), unit="step")
     rows: list[tuple[int, float, float]] = []
     step, t_first, images = start, None, 0
+    clock.start()
     for images_batch, context, _ in loader:
         step += 1
 
@@ -368,7 +372,8 @@ def train(
             if main:
                 _append_loss_csv(run_dir / "loss.csv", rows)
                 rows = []
-                state = {"data": batches.position(step), "loss": loss_value, "seed": tc.seed}
+                state = {"data": batches.position(step), "loss": loss_value, "seed": tc.seed,
+                         **clock.record()}  # fmt: skip
                 save_checkpoint(
                     run_dir,
                     step,
@@ -399,10 +404,40 @@ def train(
             save_weights(extra, run_dir / f"{name}.safetensors")
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - t_first if t_first else 0.0
-    return TrainResult(run_dir, step, loss_value, images / seconds if seconds else float("nan"))
+    ips = images / seconds if seconds else float("nan")
+    t = clock.record()
+    return TrainResult(run_dir, step, loss_value, ips, t["train_seconds"], t["train_seconds_from"])
 
 
 # --- helpers of the loop ------------------------------------------------------------------------
+
+
+class _TrainClock:
+    """The training loop's wall time, carried through checkpoints so that a run trained in
+    killed and resumed chunks still knows its total. A checkpoint records the seconds up to its
+    step; time spent after the last checkpoint of a killed chunk is not counted (those steps are
+    trained again, and counted then). A checkpoint written before rdm kept the time has none:
+    the count then starts at its step (``train_seconds_from``)."""
+
+    _now = staticmethod(time.perf_counter)
+
+    def __init__(self, before: float = 0.0, counted_from: int = 0):
+        self.before, self.counted_from, self.t0 = before, counted_from, self._now()
+
+    @classmethod
+    def resumed(cls, state: dict | None, step: int) -> _TrainClock:
+        if state is None:
+            return cls()
+        if "train_seconds" not in state:
+            return cls(0.0, step)
+        return cls(float(state["train_seconds"]), int(state.get("train_seconds_from", 0)))
+
+    def start(self) -> None:
+        self.t0 = self._now()
+
+    def record(self) -> dict:
+        seconds = self.before + self._now() - self.t0
+        return {"train_seconds": round(seconds, 2), "train_seconds_from": self.counted_from}
 
 
 def _accelerator():

@@ -207,9 +207,11 @@ def run(args: argparse.Namespace) -> int:
     dataset, cfg = retrieval_dataset(cfg, source, db, neighbors)
 
     result = train(cfg, args.out, dataset, resume=args.resume)
+    since = f" since step {result.train_seconds_from}" if result.train_seconds_from else ""
     print(
         f"trained {result.step} steps into {result.run_dir} (last loss {result.loss:.4f}, "
-        f"{result.images_per_s:.1f} images/s); sample with 'rdm sample {result.run_dir} ...'"
+        f"{result.images_per_s:.1f} images/s, {result.train_seconds / 60:.1f} min of training"
+        f"{since}); sample with 'rdm sample {result.run_dir} ...'"
     )
     return 0
 
