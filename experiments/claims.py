@@ -47,6 +47,20 @@ SAMPLER = [
 ]  # fmt: skip
 
 
+def recipe_without(flags: list[str]) -> list[str]:
+    """RECIPE less the options that ``flags`` sets again (with their value, where one follows),
+    so a recorded command names every option once."""
+    given = {f for f in flags if f.startswith("--")}
+    out, i = [], 0
+    while i < len(RECIPE):
+        option = RECIPE[i]
+        takes_value = i + 1 < len(RECIPE) and not RECIPE[i + 1].startswith("--")
+        if option not in given:
+            out += RECIPE[i : i + 1 + takes_value]
+        i += 1 + takes_value
+    return out
+
+
 def rdm(*args: str, log: Path | None = None) -> float:
     """Run ``rdm ARGS`` (one torch thread), its output to ``log``; returns its wall seconds."""
     exe = shutil.which("rdm") or str(Path(sys.executable).with_name("rdm"))
@@ -110,7 +124,8 @@ class Arm:
             tmp.rename(self.run)
             done = trained_steps(self.run)
         resume = ["--resume"] if (self.run / "config.json").is_file() else []
-        args = [*RECIPE, "--db", str(self.db), *self.flags, "--steps", str(self.steps)]
+        args = [*recipe_without(self.flags), "--db", str(self.db), *self.flags]
+        args += ["--steps", str(self.steps)]
         seconds = rdm(
             "train", *args, "--out", str(self.run), *resume, log=RUNS / f"{self.name}.log"
         )
@@ -252,7 +267,7 @@ def write(
         if t and since:
             took += f" from step {since} on (the earlier steps' time was not recorded)"
         lines.append(f"- `{a.run}`: {trained_steps(a.run)} steps, {took}"
-                     f"{'; ' + w['note'] if w.get('note') else ''}; `{w.get('command', 'rdm train ' + shlex.join([*RECIPE, '--db', str(a.db), *a.flags]))}`")  # fmt: skip
+                     f"{'; ' + w['note'] if w.get('note') else ''}; `{w.get('command', 'rdm train ' + shlex.join([*recipe_without(a.flags), '--db', str(a.db), *a.flags]))}`")  # fmt: skip
     lines += [
         "",
         "Evaluations (`rdm eval`, with the features its command names; floor = real vs real "
