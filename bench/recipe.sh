@@ -27,6 +27,14 @@ declare -A ARMS=(
   [R5-v-grey-5e-4-cosine]="--image-channels 1 --prediction v_prediction --lr 5e-4 --lr-schedule cosine --ema-extra power:0.6667 --ema-extra power:0.75 --ema-extra halflife:4000 --ema-extra halflife:16000"
   # R1 at batch 32 for twice the steps: the same images seen, about the same wall time
   [R6-v-grey-5e-4-b32]="--image-channels 1 --prediction v_prediction --lr 5e-4 --batch-size 32"
+  # width and depth at R1's wall time: give STEPS = 600 x (R1's s/step) / (this arm's s/step),
+  # measured side by side (bench/train_sample.py); the small preset's full width (7.4M) and
+  # two ResNet layers per level
+  [R7-v-grey-5e-4-wide]="--image-channels 1 --prediction v_prediction --lr 5e-4 --channels 64,128,128"
+  [R8-v-grey-5e-4-deep]="--image-channels 1 --prediction v_prediction --lr 5e-4 --layers-per-block 2"
+  # R1's trajectory again (same seed, EMAs draw no random numbers) with further EMAs: the EMA
+  # warm-up variants on a constant learning rate
+  [R9-v-grey-5e-4-emas]="--image-channels 1 --prediction v_prediction --lr 5e-4 --ema-extra power:0.6667 --ema-extra power:0.75 --ema-extra halflife:1000"
 )
 case "${1:-}" in
   db)

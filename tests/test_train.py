@@ -437,6 +437,14 @@ def test_cli_trains_resumes_and_refuses_mismatches(retrieval_setup, tmp_path, ca
     assert cfg["model"]["context_dim"] == 16 and cfg["db_fingerprint"]
     assert cfg["encoder"]["arch"] == "fake-projection" and cfg["neighbors_meta"]["k"] == 6
 
+    # the depth and widths are options; the model built from the saved config has them
+    deep = tmp_path / "deep"
+    argv = ["--layers-per-block", 2, "--channels", "32,64", "--steps", 1]
+    assert cli(*common, "--preset", "tiny", "--out", deep, *argv) == 0
+    deep_model, _ = load_run(deep)
+    assert [len(b.resnets) for b in deep_model.unet.down_blocks] == [2, 2]
+    assert [b.out_channels for b in deep_model.unet.down_blocks[0].resnets] == [32, 32]
+
     # resume: data, db and neighbours default to the run's; only --steps is raised
     assert cli("--out", run, "--resume", "--steps", 3) == 0
     assert [s for s, _ in read_loss_csv(run / "loss.csv")] == [1, 2, 3]

@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="UNet widths, e.g. 32,64,64",
     )
     model.add_argument(
+        "--layers-per-block", type=int, help="ResNet layers per UNet level (the depth; default 1)"
+    )
+    model.add_argument(
         "--image-channels",
         type=int,
         choices=(1, 3),
@@ -170,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     # Apply the command-line overrides.
     model_changes = {
         name: getattr(args, name)
-        for name in ("resolution", "k", "null_context", "block_out_channels")
+        for name in ("resolution", "k", "null_context", "block_out_channels", "layers_per_block")
         if getattr(args, name) is not None
     }
     if args.image_channels is not None:
