@@ -122,8 +122,8 @@ class Arm:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(self.continues.run, tmp, symlinks=False)
             tmp.rename(self.run)
-            done = trained_steps(self.run)
         resume = ["--resume"] if (self.run / "config.json").is_file() else []
+        done = _checkpoint_step(self.run) if resume else 0  # where rdm train resumes
         args = [*recipe_without(self.flags), "--db", str(self.db), *self.flags]
         args += ["--steps", str(self.steps)]
         seconds = rdm(
@@ -138,6 +138,13 @@ class Arm:
             wall["train_seconds"] += seconds
         wall["command"] = "rdm train " + shlex.join([*args, "--out", str(self.run)])
         (self.run / "wall.json").write_text(json.dumps(wall, indent=1) + "\n")
+
+
+def _checkpoint_step(run: Path) -> int:
+    from rdm.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(run)
+    return int(last.name.removeprefix("step-")) if last is not None else 0
 
 
 def _checkpoint_clock(run: Path) -> tuple[float, int] | None:
