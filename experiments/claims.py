@@ -263,7 +263,8 @@ def write(
     """results/claims/NAME.md: the body, then how to reproduce it and where the time went."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", body.rstrip(), "", "## Reproduce", ""]
-    lines += ["```", f"python experiments/{name}.py    # N={N}, seed {SEED}", "```", ""]
+    ns = "/".join(str(n) for n in sorted({e.n for e in evals})) or str(N)
+    lines += ["```", f"python experiments/{name}.py    # N={ns}, seed {SEED}", "```", ""]
     lines += [f"Machine: {machine()}. Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
               f"this invocation ran {time.time() - started:.0f} s (reused runs and reports cost nothing)."]  # fmt: skip
     lines += ["", "Runs (training wall time, one torch thread, the other core busy):", ""]
