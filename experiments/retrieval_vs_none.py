@@ -54,8 +54,13 @@ def main() -> None:
                          f"({b / a:.1f}x)")  # fmt: skip
     if "baseline 2x params, 600 steps" in fd and "RDM, 600 steps" in fd:
         big, rdm = fd["baseline 2x params, 600 steps"], fd["RDM, 600 steps"]
-        lines.append(f"the baseline with twice the parameters reaches {big:.1f} "
-                     f"({'worse' if big > rdm else 'better'} than the 1.86M RDM's {rdm:.1f})")  # fmt: skip
+        line = (f"the baseline with twice the parameters (3.76M) reaches {big:.1f} "
+                f"({'worse' if big > rdm else 'better'} than the 1.86M RDM's {rdm:.1f}")  # fmt: skip
+        small = fd.get("baseline, 600 steps")
+        if small is not None:
+            line += (f", and {'no better' if big >= small - 0.05 * small else 'better'} than "
+                     f"the 1.86M baseline's {small:.1f}")  # fmt: skip
+        lines.append(line + ")")
     body = (
         "Unconditional unless the row says otherwise; all arms the same recipe and images "
         "seen per step.\n\n"
