@@ -111,6 +111,12 @@ class Arm:
     def run(self) -> Path:
         return RUNS / self.name
 
+    @property
+    def train_args(self) -> list[str]:
+        """``rdm train``'s arguments but ``--out``: the recipe with this arm's flags."""
+        args = [*recipe_without(self.flags), "--db", str(self.db), *self.flags]
+        return [*args, "--steps", str(self.steps)]
+
     def train(self) -> None:
         """Train to ``steps`` (resuming what exists); the wall time is added to wall.json."""
         done = trained_steps(self.run)
@@ -123,40 +129,30 @@ class Arm:
             shutil.copytree(self.continues.run, tmp, symlinks=False)
             tmp.rename(self.run)
         resume = ["--resume"] if (self.run / "config.json").is_file() else []
-        done = _checkpoint_step(self.run) if resume else 0  # where rdm train resumes
-        args = [*recipe_without(self.flags), "--db", str(self.db), *self.flags]
-        args += ["--steps", str(self.steps)]
+        done = _checkpoint_state(self.run).get("step", 0) if resume else 0  # where it resumes
+        args = self.train_args
         seconds = rdm(
             "train", *args, "--out", str(self.run), *resume, log=RUNS / f"{self.name}.log"
         )
         wall = _read_json(self.run / "wall.json") or {"train_seconds": 0.0, "chunks": []}
         wall["chunks"].append({"from": done, "to": self.steps, "seconds": round(seconds, 1)})
-        clock = _checkpoint_clock(self.run)
-        if clock is not None:  # the loop's own count, summed over killed and resumed chunks
-            wall["train_seconds"], wall["counted_from"] = clock
+        state = _checkpoint_state(self.run)
+        if "train_seconds" in state:  # the loop's own count, summed over killed and resumed chunks
+            wall["train_seconds"] = float(state["train_seconds"])
+            wall["counted_from"] = int(state.get("train_seconds_from", 0))
         else:  # a run that began before rdm train kept the time: the chunks this script saw
             wall["train_seconds"] += seconds
         wall["command"] = "rdm train " + shlex.join([*args, "--out", str(self.run)])
         (self.run / "wall.json").write_text(json.dumps(wall, indent=1) + "\n")
 
 
-def _checkpoint_step(run: Path) -> int:
+def _checkpoint_state(run: Path) -> dict:
+    """The state.json of the run's last checkpoint (its step, and its training seconds since
+    rdm train keeps them), or {} before the first checkpoint."""
     from rdm.checkpoint import latest_checkpoint
 
     last = latest_checkpoint(run)
-    return int(last.name.removeprefix("step-")) if last is not None else 0
-
-
-def _checkpoint_clock(run: Path) -> tuple[float, int] | None:
-    """(training seconds, the step they count from) from the run's last checkpoint, or None
-    when it predates the record."""
-    from rdm.checkpoint import latest_checkpoint
-
-    last = latest_checkpoint(run)
-    state = _read_json(last / "state.json") if last is not None else None
-    if not state or "train_seconds" not in state:
-        return None
-    return float(state["train_seconds"]), int(state.get("train_seconds_from", 0))
+    return (_read_json(last / "state.json") or {}) if last is not None else {}
 
 
 @dataclass
@@ -275,7 +271,7 @@ def write(
         if t and since:
             took += f" from step {since} on (the earlier steps' time was not recorded)"
         lines.append(f"- `{a.run}`: {trained_steps(a.run)} steps, {took}"
-                     f"{'; ' + w['note'] if w.get('note') else ''}; `{w.get('command', 'rdm train ' + shlex.join([*recipe_without(a.flags), '--db', str(a.db), *a.flags]))}`")  # fmt: skip
+                     f"{'; ' + w['note'] if w.get('note') else ''}; `{w.get('command', 'rdm train ' + shlex.join(a.train_args))}`")  # fmt: skip
     lines += [
         "",
         "Evaluations (`rdm eval`, with the features its command names; floor = real vs real "

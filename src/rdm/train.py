@@ -293,13 +293,13 @@ def train(
     scheduler = make_scheduler(cfg.diffusion)
 
     # Resume: weights, optimizer and RNG states, and the data stream at the checkpoint's step.
-    start, loss_value = 0, float("nan")
+    start, loss_value, state = 0, float("nan"), None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, ema, optimizer, extra_emas)
         start, loss_value = int(state["step"]), float(state.get("loss", "nan"))
         if start > tc.steps:
             raise RdmError(f"{checkpoint} is already past --steps {tc.steps}; ask for more steps")
-    clock = _TrainClock.resumed(state if checkpoint is not None else None, start)
+    clock = _TrainClock.resumed(state, start)
     batches = StepBatches(len(dataset), tc.batch_size, tc.seed, start + 1, tc.steps, rank, world)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=tc.num_workers)
     model, optimizer = accelerator.prepare(model, optimizer)
