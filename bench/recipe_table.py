@@ -11,6 +11,7 @@ eval.json the directory holds; nothing is computed here but ratios.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -30,10 +31,21 @@ def recipe(run: Path) -> dict:
         extras.append(f"min-SNR γ={t['snr_gamma']:g}")
     steps = last_logged_step(run) or t["steps"]
     widths = ",".join(map(str, m["block_out_channels"]))
+    depth = m.get("layers_per_block", 1)
     return {
         "recipe": f"{pred}, {m['in_channels']} ch, lr {t['lr']:g}, {' '.join(extras)}, "
-        f"({widths}), {steps} steps",
+        f"({widths}){f' x{depth} layers' if depth != 1 else ''}, {_parameters(run)}, "
+        f"{steps} steps",
     }
+
+
+def _parameters(run: Path) -> str:
+    """The EMA weights' parameter count, read from the safetensors header (no tensor data)."""
+    from safetensors import safe_open
+
+    with safe_open(run / "ema.safetensors", "pt") as f:
+        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return f"{n / 1e6:.2f}M"
 
 
 def _weights(name: str | None) -> str:
