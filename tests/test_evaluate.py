@@ -188,3 +188,40 @@ def test_distribution_metrics_are_the_metric_functions():
     assert m["fd"] == metrics.frechet_distance(x, y)
     assert (m["kid"], m["kid_std"], m["kid_subset_size"]) == metrics.kid(x, y, seed=3)
     assert (m["precision"], m["recall"]) == metrics.precision_recall(x, y)
+
+
+class _ColourClassifier:
+    """Names a square's colour from its mean pixel: grey when the channels agree, else the
+    strongest channel (exact on the noisy squares of the tiny world)."""
+
+    classes = ("red", "green", "blue", "grey")
+
+    def predict(self, pixels):
+        mean = pixels.reshape(len(pixels), -1, pixels.shape[-1]).mean(1)
+        return np.where(np.ptp(mean, axis=1) < 40, 3, mean.argmax(1))
+
+
+def test_neighbour_copy_share_reads_each_rows_image(world):  # noqa: F811
+    """Copying a neighbour scores the share of (sample, row) pairs whose row image is of the
+    sample's target class: with a classifier that is right on every image, that is the share the
+    database captions give, row by row; samples without a target are skipped."""
+    from rdm.database import Database
+    from rdm.evaluation.evaluate import EvalRequest, _neighbour_copy_share
+    from rdm.evaluation.images import View
+
+    db = Database.open(world["db"])
+    colour = [_ColourClassifier.classes.index(c.split()[1]) for c in db.captions]
+    order = np.random.default_rng(0).permutation(len(db.captions)).tolist()
+    records, start = [{"rows": [order[0], order[0]]}], 0  # a repeated row
+    for size in [1, 4, 2, 3] * 3:  # records of mixed lengths, as text+neighbours has
+        if order[start : start + size]:
+            records.append({"rows": order[start : start + size]})
+        start += size
+    target = np.array([colour[rec["rows"][0]] for rec in records])
+    target[1] = -1
+    pairs = zip(records, target, strict=True)
+    want = np.mean([t == colour[r] for rec, t in pairs if t >= 0 for r in rec["rows"]])
+    assert 0 < want < 1  # the rows mix colours: a wrong row-to-image map would show
+    req = EvalRequest(run=world["run"], db=world["db"], n=len(records), progress=False)
+    got = _neighbour_copy_share(_ColourClassifier(), records, target, db, View(8, 3), req)
+    assert got == pytest.approx(want)

@@ -165,7 +165,15 @@ def evaluate(req: EvalRequest) -> dict:
     }
     if classifier:
         report["faithfulness"] = _faithfulness(
-            classifier, samples, records, pipe.db, source, real_classes, real_pixels["ref"]
+            classifier,
+            samples,
+            records,
+            pipe.db,
+            source,
+            real_classes,
+            real_pixels["ref"],
+            view,
+            req,
         )
     if req.memo_n != 0:
         t = time.time()
@@ -292,10 +300,13 @@ def _sampling_record(cfg, req: EvalRequest) -> dict:
 # --- faithfulness and memorisation ------------------------------------------------------------------
 
 
-def _faithfulness(classifier, samples, records, db, source, real_classes, real_pixels) -> dict:
+def _faithfulness(
+    classifier, samples, records, db, source, real_classes, real_pixels, view, req
+) -> dict:
     """Share of samples classified as the majority class of their conditioning neighbours (image,
-    unconditional) or as their prompt's class (text, class-pool); the classifier's accuracy on the
-    real reference is its ceiling."""
+    unconditional) or as their prompt's class (text, class-pool). Two references beside it: the
+    classifier's accuracy on the real reference, and what a model that copied one of its
+    conditioning neighbours would score (:func:`_neighbour_copy_share`)."""
     out = {"real_accuracy": float((classifier.predict(real_pixels) == real_classes).mean())}
     if records is None:
         return {**out, "share": None, "note": "no conditioning.jsonl beside the samples"}
@@ -307,6 +318,9 @@ def _faithfulness(classifier, samples, records, db, source, real_classes, real_p
     target_ids = np.full(len(records), -1)
     target_ids[[i for i, t in enumerate(target) if t]] = ids
     out.update(stats.faithfulness(predicted, target_ids))
+    out["neighbour_copy_share"] = _neighbour_copy_share(
+        classifier, records, target_ids, db, view, req
+    )
     out["target"] = (
         "prompt class" if records[0].get("prompt") else "majority class of the neighbours"
     )
@@ -316,6 +330,29 @@ def _faithfulness(classifier, samples, records, db, source, real_classes, real_p
         )
         out["query_class_share"] = float((predicted == q).mean())
     return out
+
+
+def _neighbour_copy_share(classifier, records, target_ids, db, view, req) -> float | None:
+    """The faithfulness of copying: over every sample with a target and each database row that
+    conditioned it, the share of those neighbour images the classifier puts in the sample's
+    target class. Retrieval that mixes classes and the classifier's own errors both lower it, so
+    it is what a model reproducing its neighbours would reach; None when the neighbours' images
+    cannot be read (a database whose source is not on this machine)."""
+    from rdm.data import open_source
+
+    has = [i for i, t in enumerate(target_ids) if t >= 0]
+    rows = np.array([r for i in has for r in records[i]["rows"]], np.int64)
+    if not len(rows):
+        return None
+    try:
+        db_source = open_source(db.source_spec)
+    except RdmError:
+        return None
+    unique, inverse = np.unique(rows, return_inverse=True)
+    pixels = _real_pixels(db_source, db.ids[unique], view, req, f"neighbour images ({len(unique)})")
+    predicted = classifier.predict(pixels)[inverse]
+    target = np.repeat(target_ids[has], [len(records[i]["rows"]) for i in has])
+    return float((predicted == target).mean())
 
 
 def _memorisation(

@@ -104,7 +104,14 @@ def markdown(r: dict) -> str:
                 if "query_class_share" in fa
                 else ""
             )
-            + f"; the classifier's accuracy on the real reference is {_f(fa['real_accuracy'])}."
+            + f"; the classifier's accuracy on the real reference is {_f(fa['real_accuracy'])}"
+            + (
+                f", and copying a conditioning neighbour would score {_f(fa['neighbour_copy_share'])}"
+                " (the share of those neighbour images classified as the target)"
+                if fa.get("neighbour_copy_share") is not None
+                else ""
+            )
+            + "."
         )
         lines.append("")
     mem = r.get("memorisation")
