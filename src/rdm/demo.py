@@ -20,9 +20,6 @@ SHIPPED_RUN = ASSETS / "demo-fashion"
 SOURCE = "fashion-mnist"
 PROMPTS = ("Sneaker", "Trouser", "Bag", "Dress")
 N_QUERIES = 4
-# The shipped model is the small preset at half width: on 2 shared CPU cores a step costs about
-# 1.2 s instead of 3 s, which buys more than twice the steps in a session.
-DEMO_CHANNELS = {"small": (32, 64, 64)}
 
 
 @dataclasses.dataclass
@@ -32,7 +29,7 @@ class DemoConfig:
     source: str = SOURCE
     train: bool = False  # re-create the model from scratch instead of using the shipped one
     preset: str = "small"
-    channels: tuple[int, ...] | None = None  # None: DEMO_CHANNELS for the preset, else its own
+    channels: tuple[int, ...] | None = None  # None: the preset's
     threads: int | None = None  # torch CPU threads (None: torch's default)
     steps: int = 1800  # the shipped model's (src/rdm/assets/demo-fashion/README.md)
     batch_size: int = 64
@@ -59,7 +56,6 @@ def demo_train_config(
     cfg.model = dataclasses.replace(
         cfg.model, context_dim=context_dim, k=4, in_channels=in_channels
     )
-    channels = channels or DEMO_CHANNELS.get(preset_name)
     if channels:
         cfg.model = dataclasses.replace(cfg.model, block_out_channels=tuple(channels))
     cfg.train = dataclasses.replace(

@@ -26,8 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--channels",
         type=parse_channels,
-        help="--train: UNet channels per level (default: 32,64,64 for the small preset, "
-        "else the preset's own)",
+        help="--train: UNet channels per level (default: the preset's own)",
     )
     p.add_argument("--threads", type=int, help="--train: torch CPU threads")
     p.add_argument(
