@@ -1,6 +1,6 @@
 """The arms several claims share: the chosen recipe with retrieval (k = 4) at 600 and 1600
-steps, the 1600-step run being the shipped demo model's (src/rdm/assets/demo-fashion holds its
-EMA weights)."""
+steps. They are the shipped demo model's trajectory (src/rdm/assets/demo-fashion) at those steps:
+the 1600-step EMA was the shipped model until that model was continued to 2400 steps."""
 
 from __future__ import annotations
 

@@ -43,3 +43,30 @@ def test_demo_train_builds_everything_and_writes_three_grids(tmp_path, capsys):
     # a second run reuses the database and resumes (here: finds the run finished) instead of redoing
     assert main(args) == 0
     assert "already holds this database" in capsys.readouterr().err
+
+
+def test_demo_train_recreates_the_shipped_models_recipe():
+    """`rdm demo --train` with its defaults trains what src/rdm/assets/demo-fashion was trained
+    with: the same model, diffusion, sampling defaults and trajectory (batch, lr, steps, seed,
+    EMA ...); only the settings that may change on resume (checkpoint and log intervals) differ."""
+    import dataclasses
+
+    from rdm.config import RunConfig
+    from rdm.demo import SHIPPED_RUN, DemoConfig, demo_train_config
+    from rdm.train import RESUMABLE_CHANGES
+
+    shipped = RunConfig.from_json(SHIPPED_RUN / "config.json")
+    d = DemoConfig()
+    built = demo_train_config(
+        d.preset, shipped.model.context_dim, d.steps, d.batch_size, d.seed, in_channels=1
+    )
+    assert built.model == shipped.model
+    assert built.diffusion == shipped.diffusion
+    assert built.sample == shipped.sample
+    assert built.train.steps == shipped.train.steps
+    # fp32 was the shipped run's 'auto' on its CPU (no native bf16); another CPU may pick bf16
+    assert (built.train.mixed_precision, shipped.train.mixed_precision) == ("auto", "no")
+    ignore = {*RESUMABLE_CHANGES, "mixed_precision"}
+    for f in dataclasses.fields(built.train):
+        if f.name not in ignore:
+            assert getattr(built.train, f.name) == getattr(shipped.train, f.name), f.name

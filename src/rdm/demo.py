@@ -31,7 +31,7 @@ class DemoConfig:
     preset: str = "small"
     channels: tuple[int, ...] | None = None  # None: the preset's
     threads: int | None = None  # torch CPU threads (None: torch's default)
-    steps: int = 1800  # the shipped model's (src/rdm/assets/demo-fashion/README.md)
+    steps: int = 2400  # the shipped model's (src/rdm/assets/demo-fashion/README.md)
     batch_size: int = 64
     seed: int = 0
     samples_per_prompt: int = 4

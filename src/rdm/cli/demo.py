@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from rdm.cli.train import parse_channels
+from rdm.demo import DemoConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--threads", type=int, help="--train: torch CPU threads")
     p.add_argument(
-        "--steps", type=int, default=1800, help="training steps for --train (the shipped model's)"
+        "--steps",
+        type=int,
+        default=DemoConfig.steps,
+        help=f"training steps for --train (default {DemoConfig.steps}: the shipped model's)",
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -41,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rdm.demo import DemoConfig, run_demo
+    from rdm.demo import run_demo
 
     run_demo(
         DemoConfig(
