@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The recipe measurements of docs/training.md ("A recipe that converges on a CPU"), one arm at a
-# time: every arm is the 1.86M demo UNet (the small preset at half width) trained on the
-# Fashion-MNIST train split X with its 20 stored neighbours in D = the db split, 600 steps of
-# batch 64, seed 0, fp32; then measured by `rdm eval` on N test-image queries with the shipped
+# time: every arm is the 1.86M demo UNet (channels 32,64,64) trained on the Fashion-MNIST
+# train split X with its 20 stored neighbours in D = the db split, 600 steps of batch 64, seed 0,
+# fp32, unless its flags say otherwise; then measured by `rdm eval` on N test-image queries with the shipped
 # domain classifier's features.
 #
 #   bash bench/recipe.sh db                  # D and the neighbours of X (runs/fm-db)
@@ -42,10 +42,11 @@ case "${1:-}" in
     rdm db neighbors "$DB" --queries fashion-mnist --split train -k 20 ;;
   train)
     arm=$2; steps=${3:-600}; out=runs/recipe/$arm
-    [[ $arm == R6-* ]] && steps=${3:-1200}
+    batch=(--batch-size 64)  # the arms' batch (the small preset's default is now R6's 32)
+    [[ $arm == R6-* ]] && { steps=${3:-1200}; batch=(); }
     resume=(); [[ -f $out/config.json ]] && resume=(--resume)
     # shellcheck disable=SC2086
-    rdm train "${COMMON[@]}" ${ARMS[$arm]} --steps "$steps" --out "$out" "${resume[@]}" ;;
+    rdm train "${COMMON[@]}" "${batch[@]}" ${ARMS[$arm]} --steps "$steps" --out "$out" "${resume[@]}" ;;
   eval)
     arm=$2; name=$3; shift 3
     rdm eval "runs/recipe/$arm" --db "$DB" --n "${N:-500}" --features classifier --seed 0 \

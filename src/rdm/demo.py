@@ -32,7 +32,7 @@ class DemoConfig:
     channels: tuple[int, ...] | None = None  # None: the preset's
     threads: int | None = None  # torch CPU threads (None: torch's default)
     steps: int = 2400  # the shipped model's (src/rdm/assets/demo-fashion/README.md)
-    batch_size: int = 64
+    batch_size: int = 64  # the shipped model's (the small preset itself now defaults to 32)
     seed: int = 0
     samples_per_prompt: int = 4
     sampler_steps: int | None = None  # None: the run's own sample config
