@@ -48,15 +48,20 @@ SAMPLER = [
 
 
 def recipe_without(flags: list[str]) -> list[str]:
-    """RECIPE less the options that ``flags`` sets again (with their value, where one follows),
-    so a recorded command names every option once."""
+    """RECIPE less the options that ``flags`` sets again."""
+    return without(RECIPE, flags)
+
+
+def without(base: list[str], flags: list[str]) -> list[str]:
+    """``base`` less the options that ``flags`` sets again (with their value, where one
+    follows), so a recorded command names every option once."""
     given = {f for f in flags if f.startswith("--")}
     out, i = [], 0
-    while i < len(RECIPE):
-        option = RECIPE[i]
-        takes_value = i + 1 < len(RECIPE) and not RECIPE[i + 1].startswith("--")
+    while i < len(base):
+        option = base[i]
+        takes_value = i + 1 < len(base) and not base[i + 1].startswith("--")
         if option not in given:
-            out += RECIPE[i : i + 1 + takes_value]
+            out += base[i : i + 1 + takes_value]
         i += 1 + takes_value
     return out
 
@@ -178,6 +183,7 @@ class Eval:
     def args(self) -> list[str]:
         db = str(self.db or self.arm.db)
         common = ["--n", str(self.n), "--features", "classifier", "--seed", str(SEED)]
+        common = without(common, self.flags)  # e.g. claim 5's --features clip
         return [
             str(self.arm.run),
             "--db",
