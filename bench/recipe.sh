@@ -2,8 +2,8 @@
 # The recipe measurements of docs/training.md ("A recipe that converges on a CPU"), one arm at a
 # time: every arm is the 1.86M demo UNet (channels 32,64,64) trained on the Fashion-MNIST
 # train split X with its 20 stored neighbours in D = the db split, 600 steps of batch 64, seed 0,
-# fp32, unless its flags say otherwise; then measured by `rdm eval` on N test-image queries with the shipped
-# domain classifier's features.
+# fp32, unless its flags say otherwise; then measured by `rdm eval` on N test-image queries with
+# the shipped domain classifier's features.
 #
 #   bash bench/recipe.sh db                  # D and the neighbours of X (runs/fm-db)
 #   bash bench/recipe.sh train ARM [STEPS]   # train (or resume) runs/recipe/ARM

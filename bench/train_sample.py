@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from rdm.cli.train import parse_channels
 from rdm.config import preset
 from rdm.diffusion import make_scheduler
 from rdm.model import RetrievalUNet, count_parameters
@@ -118,7 +119,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small")
     p.add_argument(
-        "--channels", help="UNet channels per level, e.g. 64,128,128 (default: the preset's)"
+        "--channels",
+        type=parse_channels,
+        help="UNet channels per level, e.g. 64,128,128 (default: the preset's)",
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=6, help="timed training steps per repetition")
@@ -134,8 +137,7 @@ def main() -> None:
     cfg = preset(args.preset)
     cfg = replace(cfg, train=replace(cfg.train, batch_size=args.batch_size, seed=0))
     if args.channels:
-        channels = tuple(int(c) for c in args.channels.split(","))
-        cfg = replace(cfg, model=replace(cfg.model, block_out_channels=channels))
+        cfg = replace(cfg, model=replace(cfg.model, block_out_channels=args.channels))
     dataset = make_dataset(cfg, args.data, 50 * args.batch_size)
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)))[:2]
     print(

@@ -36,9 +36,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=DemoConfig.steps,
         help=f"training steps for --train (default {DemoConfig.steps}: the shipped model's)",
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-n", "--samples", type=int, default=4, help="samples per query (default 4)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=DemoConfig.batch_size,
+        help=f"--train (default {DemoConfig.batch_size}: the shipped model's)",
+    )
+    p.add_argument("--seed", type=int, default=DemoConfig.seed)
+    p.add_argument(
+        "-n",
+        "--samples",
+        type=int,
+        default=DemoConfig.samples_per_prompt,
+        help=f"samples per query (default {DemoConfig.samples_per_prompt})",
+    )
     p.add_argument("--sampler-steps", type=int, help="default: the run's sample config")
     p.add_argument("--guidance", type=float, help="default: the run's sample config")
     p.set_defaults(func=run)
