@@ -70,4 +70,9 @@ def _require_finished(run: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from rdm.errors import RdmError
+
+    try:
+        main()
+    except RdmError as exc:  # a missing run, database or damaged file: one line, no traceback
+        raise SystemExit(f"ship_demo: {exc}") from None
